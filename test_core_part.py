@@ -1,0 +1,1149 @@
+"""Unit tests for spear.py sections 1-6 (config, schedules, advantages, Dr.BoT filters, replay buffer,
+losses). Every expected value is computed by hand in the test (literals, explicit arithmetic or an
+explicit loop written here), never by calling spear itself. Section numbers refer to
+reference/spear-spec.md.
+"""
+
+import math
+import pickle
+
+import pytest
+import torch
+
+import spear
+
+
+def _close(actual, expected, rel=1e-5, abs_=1e-6):
+    actual = [float(x) for x in (actual.flatten().tolist() if torch.is_tensor(actual) else actual)]
+    expected = [float(x) for x in expected]
+    assert len(actual) == len(expected), (actual, expected)
+    for a, e in zip(actual, expected):
+        assert a == pytest.approx(e, rel=rel, abs=abs_), (actual, expected)
+
+
+# ================================================================================================
+# 2. Schedules and rewards (spec §7)
+# ================================================================================================
+
+
+def test_sil_coef_cosine_warmup_spec_7_2():
+    # c_rep(t) = kappa * (1 - cos(pi t / T)) / 2 for t <= T, kappa after.
+    assert spear.sil_coef(0, 200, 1.0) == pytest.approx(0.0, abs=1e-12)
+    t1 = spear.sil_coef(1, 200, 1.0)
+    assert t1 == pytest.approx((1 - math.cos(math.pi * 1 / 200)) / 2, rel=1e-9)
+    assert round(t1, 6) == pytest.approx(6.2e-5, abs=1e-12)  # spec: "t = 1, T = 200: 6.2e-5"
+    assert spear.sil_coef(50, 200, 1.0) == pytest.approx((1 - math.cos(math.pi * 50 / 200)) / 2, rel=1e-9)
+    assert spear.sil_coef(50, 200, 1.0) == pytest.approx(0.1464466094, rel=1e-8)
+    assert spear.sil_coef(100, 200, 1.0) == pytest.approx(0.5, rel=1e-12)
+    assert spear.sil_coef(200, 200, 1.0) == pytest.approx(1.0, rel=1e-12)
+    assert spear.sil_coef(250, 200, 1.0) == pytest.approx(1.0, rel=1e-12)
+    assert spear.sil_coef(10_000, 200, 1.0) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_sil_coef_scales_with_kappa_and_T():
+    # math preset: T = 300; kappa scales the whole curve; the default kappa 0.001 too.
+    assert spear.sil_coef(150, 300, 1.0) == pytest.approx(0.5, rel=1e-12)
+    assert spear.sil_coef(300, 300, 1.0) == pytest.approx(1.0, rel=1e-12)
+    assert spear.sil_coef(100, 200, 0.001) == pytest.approx(0.0005, rel=1e-12)
+    assert spear.sil_coef(201, 200, 0.001) == pytest.approx(0.001, rel=1e-12)
+    assert spear.sil_coef(1, 300, 2.0) == pytest.approx(2.0 * (1 - math.cos(math.pi / 300)) / 2, rel=1e-9)
+    # strictly increasing over the warm-up
+    vals = [spear.sil_coef(t, 200, 1.0) for t in range(0, 201, 10)]
+    assert all(b > a for a, b in zip(vals, vals[1:]))
+
+
+def test_toolcall_coef_cosine_spec_7_3():
+    # lambda(t) = (1 + cos(pi t / T)) / 2 for t <= T, 0 after.
+    assert spear.toolcall_coef(0, 200, "cosine") == pytest.approx(1.0, rel=1e-12)
+    assert spear.toolcall_coef(1, 200, "cosine") == pytest.approx((1 + math.cos(math.pi / 200)) / 2, rel=1e-12)
+    assert spear.toolcall_coef(50, 200, "cosine") == pytest.approx((1 + math.cos(math.pi / 4)) / 2, rel=1e-12)
+    assert spear.toolcall_coef(100, 200, "cosine") == pytest.approx(0.5, rel=1e-12)
+    assert spear.toolcall_coef(200, 200, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert spear.toolcall_coef(201, 200, "cosine") == 0.0
+    assert spear.toolcall_coef(250, 200, "cosine") == 0.0
+    # T_tc = 100 (yaml default)
+    assert spear.toolcall_coef(50, 100, "cosine") == pytest.approx(0.5, rel=1e-12)
+    assert spear.toolcall_coef(150, 100, "cosine") == 0.0
+
+
+def test_toolcall_coef_constant_and_none():
+    for t in (0, 1, 100, 200, 250, 5000):
+        assert spear.toolcall_coef(t, 200, "constant") == 1.0
+        assert spear.toolcall_coef(t, 200, "none") == 0.0
+
+
+def test_toolcall_bonus_spec_7_3():
+    # bonus = min(1, 0.1 * calls)
+    assert spear.toolcall_bonus(0) == 0.0
+    assert spear.toolcall_bonus(1) == pytest.approx(0.1)
+    assert spear.toolcall_bonus(3) == pytest.approx(0.3)
+    assert spear.toolcall_bonus(10) == pytest.approx(1.0)
+    assert spear.toolcall_bonus(15) == pytest.approx(1.0)
+    assert spear.toolcall_bonus(50) == pytest.approx(1.0)
+    assert spear.toolcall_bonus(2, per_call=0.2) == pytest.approx(0.4)
+    assert spear.toolcall_bonus(7, per_call=0.2) == pytest.approx(1.0)
+    assert spear.toolcall_bonus(7, per_call=0.2, cap=2.0) == pytest.approx(1.4)
+
+
+def test_invalid_action_penalty_spec_7_1():
+    rewards = torch.tensor([10.0, 10.0, 0.0, 0.0])
+    valid = torch.tensor([True, False, True, False])
+    out = spear.apply_invalid_action_penalty(rewards, valid)
+    _close(out, [10.0, 9.9, 0.0, -0.1])
+    _close(rewards, [10.0, 10.0, 0.0, 0.0])  # input untouched
+    _close(spear.apply_invalid_action_penalty(rewards, torch.tensor([1, 0, 1, 0])), [10.0, 9.9, 0.0, -0.1])
+    _close(spear.apply_invalid_action_penalty(rewards, valid, coef=0.5), [10.0, 9.5, 0.0, -0.5])
+    _close(spear.apply_invalid_action_penalty(rewards, valid, coef=0.0), [10.0, 10.0, 0.0, 0.0])
+
+
+# ================================================================================================
+# 3. Advantages (spec §2)
+# ================================================================================================
+
+
+def test_grpo_with_std_norm_unbiased_spec_2_1():
+    # groups (interleaved on purpose): a = [1, 2, 3, 6], b = [0, 0], c = [5] (single), d = [1, 0]
+    ids = ["a", "b", "a", "c", "d", "a", "b", "a", "d"]
+    rewards = torch.tensor([1.0, 0.0, 2.0, 5.0, 1.0, 3.0, 0.0, 6.0, 0.0])
+    adv = spear.grpo_advantages(rewards, ids, norm_by_std=True)
+    std_a = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + 0 + (6 - 3) ** 2) / 3)  # unbiased: 14/3
+    std_d = math.sqrt(((1 - 0.5) ** 2 + (0 - 0.5) ** 2) / 1)
+    expected = [
+        (1 - 3) / (std_a + 1e-6), 0.0, (2 - 3) / (std_a + 1e-6),
+        5.0 / (1.0 + 1e-6),  # one member: mean 0, std 1
+        0.5 / (std_d + 1e-6), 0.0, 0.0, (6 - 3) / (std_a + 1e-6), -0.5 / (std_d + 1e-6),
+    ]
+    _close(adv, expected, rel=1e-6)
+
+
+def test_grpo_without_std_norm_drgrpo():
+    ids = ["a", "b", "a", "c", "d", "a", "b", "a", "d"]
+    rewards = torch.tensor([1.0, 0.0, 2.0, 5.0, 1.0, 3.0, 0.0, 6.0, 0.0])
+    adv = spear.grpo_advantages(rewards, ids, norm_by_std=False)
+    _close(adv, [-2.0, 0.0, -1.0, 5.0, 0.5, 0.0, 0.0, 3.0, -0.5])
+
+
+def test_grpo_one_member_group_advantage_is_reward():
+    adv = spear.grpo_advantages(torch.tensor([7.0, -3.0]), ["x", "y"], norm_by_std=False)
+    _close(adv, [7.0, -3.0])
+    adv = spear.grpo_advantages(torch.tensor([7.0, -3.0]), ["x", "y"], norm_by_std=True)
+    _close(adv, [7.0 / (1 + 1e-6), -3.0 / (1 + 1e-6)], rel=1e-7)
+
+
+def test_grpo_all_equal_rewards_give_zero():
+    for norm in (True, False):
+        adv = spear.grpo_advantages(torch.tensor([10.0, 10.0, 10.0, 10.0]), ["g"] * 4, norm_by_std=norm)
+        _close(adv, [0.0, 0.0, 0.0, 0.0], abs_=0.0)
+        assert torch.isfinite(adv).all()
+
+
+def test_grpo_string_and_tensor_group_ids():
+    rewards = torch.tensor([1.0, 0.0, 3.0, 1.0])
+    expected = [0.5, -0.5, 1.0, -1.0]
+    _close(spear.grpo_advantages(rewards, ["task-1", "task-1", "task-2", "task-2"], norm_by_std=False), expected)
+    _close(spear.grpo_advantages(rewards, torch.tensor([4, 4, 9, 9]), norm_by_std=False), expected)
+    # same rewards but other grouping: one group of 4 (mean 1.25)
+    _close(spear.grpo_advantages(rewards, ["t"] * 4, norm_by_std=False), [-0.25, -1.25, 1.75, -0.25])
+
+
+def test_grpo_turn_weighted_group_spec_2_1():
+    # trajectory T1 (reward 1) took 3 turns, T2 (reward 0) took 1 turn, same uid:
+    # the group holds 4 step-samples, mean = (1+1+1+0)/4 = 0.75, not the trajectory mean 0.5.
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    _close(spear.grpo_advantages(rewards, ["u"] * 4, norm_by_std=False), [0.25, 0.25, 0.25, -0.75])
+    std = math.sqrt((3 * 0.25 ** 2 + 0.75 ** 2) / 3)  # = 0.5
+    assert std == pytest.approx(0.5)
+    _close(spear.grpo_advantages(rewards, ["u"] * 4, norm_by_std=True),
+           [0.25 / (0.5 + 1e-6)] * 3 + [-0.75 / (0.5 + 1e-6)], rel=1e-6)
+
+
+def test_discounted_returns_by_hand():
+    _close(spear.discounted_returns(torch.tensor([0.0, 0.0, 10.0]), 0.95), [0.95 * 0.95 * 10, 0.95 * 10, 10.0])
+    _close(spear.discounted_returns(torch.tensor([1.0, 2.0, 3.0]), 0.5), [1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0])
+    _close(spear.discounted_returns(torch.tensor([1.0, 2.0, 3.0]), 1.0), [6.0, 5.0, 3.0])
+    _close(spear.discounted_returns(torch.tensor([1.0, 2.0, 3.0]), 0.0), [1.0, 2.0, 3.0])
+    _close(spear.discounted_returns(torch.tensor([4.0]), 0.95), [4.0])
+    # sokoban-like: -0.1 per step, +10.9 when solved at the last step
+    g = 0.95
+    _close(spear.discounted_returns(torch.tensor([-0.1, -0.1, 10.9]), g),
+           [-0.1 + g * (-0.1) + g * g * 10.9, -0.1 + g * 10.9, 10.9])
+
+
+def _gigpo_case():
+    # uid u: anchor "start" at (traj A, t0), (traj B, t0), (traj B, t2 — returned to start): G 6, 0, 3
+    #        anchor "room" at (A, t1), (B, t1): G 4, 2 ;  anchor "goal" once: G 7
+    # uid v: anchor "start" again (different task!): G 10, 20
+    returns = torch.tensor([6.0, 4.0, 0.0, 2.0, 3.0, 7.0, 10.0, 20.0])
+    uids = ["u", "u", "u", "u", "u", "u", "v", "v"]
+    anchors = ["start", "room", "start", "room", "start", "goal", "start", "start"]
+    return returns, uids, anchors
+
+
+def test_gigpo_step_advantages_mean_std_norm_spec_2_3():
+    returns, uids, anchors = _gigpo_case()
+    adv = spear.gigpo_step_advantages(returns, uids, anchors, norm_by_std=True)
+    std_start_u = math.sqrt(((6 - 3) ** 2 + (0 - 3) ** 2 + (3 - 3) ** 2) / 2)  # 3
+    std_room = math.sqrt(((4 - 3) ** 2 + (2 - 3) ** 2) / 1)  # sqrt(2)
+    std_start_v = math.sqrt(((10 - 15) ** 2 + (20 - 15) ** 2) / 1)  # sqrt(50)
+    expected = [3 / (std_start_u + 1e-6), 1 / (std_room + 1e-6), -3 / (std_start_u + 1e-6),
+                -1 / (std_room + 1e-6), 0.0, 0.0, -5 / (std_start_v + 1e-6), 5 / (std_start_v + 1e-6)]
+    _close(adv, expected, rel=1e-6)
+
+
+def test_gigpo_step_advantages_mean_norm():
+    returns, uids, anchors = _gigpo_case()
+    adv = spear.gigpo_step_advantages(returns, uids, anchors, norm_by_std=False)
+    _close(adv, [3.0, 1.0, -3.0, -1.0, 0.0, 0.0, -5.0, 5.0])
+
+
+def test_gigpo_one_member_anchor_groups_are_zero():
+    returns = torch.tensor([5.0, -2.0, 9.0])
+    for norm in (True, False):
+        adv = spear.gigpo_step_advantages(returns, ["u", "u", "w"], ["s1", "s2", "s1"], norm_by_std=norm)
+        _close(adv, [0.0, 0.0, 0.0], abs_=0.0)
+        assert torch.isfinite(adv).all()
+
+
+def test_gigpo_tuple_anchors_and_tensor_uids():
+    # sokoban-like hashable grid snapshots as anchors; equal grids merge across time
+    g1, g2 = ((1, 0), (0, 2)), ((0, 1), (2, 0))
+    returns = torch.tensor([1.0, 3.0, 8.0])
+    adv = spear.gigpo_step_advantages(returns, torch.tensor([0, 0, 0]), [g1, g2, g1], norm_by_std=False)
+    _close(adv, [1 - 4.5, 0.0, 8 - 4.5])
+
+
+# ================================================================================================
+# 4. Dr.BoT filters (spec §8)
+# ================================================================================================
+
+
+def test_group_reward_stats_per_trajectory_mean_population_std_spec_4_1():
+    # g1: t1 samples [1, 3] -> 2 ; t2 [4] -> 4 ; t3 [0, 0, 0] -> 0  => mean 2, pop std sqrt(8/3)
+    # g2: t4 [5], t5 [5] => mean 5, std 0
+    gids = ["g1", "g2", "g1", "g1", "g1", "g2", "g1", "g1"]
+    tids = ["t1", "t4", "t1", "t2", "t3", "t5", "t3", "t3"]
+    scores = torch.tensor([1.0, 5.0, 3.0, 4.0, 0.0, 5.0, 0.0, 0.0])
+    keys, means, stds = spear.group_reward_stats(scores, gids, tids, unbiased=False)
+    assert list(keys) == ["g1", "g2"]
+    _close(means, [2.0, 5.0])
+    _close(stds, [math.sqrt(((2 - 2) ** 2 + (4 - 2) ** 2 + (0 - 2) ** 2) / 3), 0.0])
+    # (a step-sample-weighted mean would be 8/6, not 2)
+    keys, means, stds = spear.group_reward_stats(scores, gids, tids, unbiased=True)
+    _close(means, [2.0, 5.0])
+    _close(stds, [math.sqrt(8 / 2), 0.0])
+
+
+def test_group_reward_stats_math_one_sample_per_trajectory_unbiased():
+    scores = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0, -1.0])
+    keys, means, stds = spear.group_reward_stats(scores, ["p", "p", "q", "q", "q", "p"], unbiased=True)
+    assert list(keys) == ["p", "q"]
+    _close(means, [1.0, 7.0])
+    _close(stds, [math.sqrt((0 + 4 + 4) / 2), math.sqrt((4 + 0 + 4) / 2)])
+
+
+def _std_groups():
+    # math-style (one sample per trajectory), unbiased std:
+    # z: [1,1,1,1] std 0; big: [0,10,0,10] std ~5.77; mid: [0,1,0,1] std ~0.577; small: [0,0,0,1] std 0.5
+    ids = ["z"] * 4 + ["big"] * 4 + ["mid"] * 4 + ["small"] * 4
+    scores = torch.tensor([1.0] * 4 + [0.0, 10.0, 0.0, 10.0] + [0.0, 1.0, 0.0, 1.0] + [0.0, 0.0, 0.0, 1.0])
+    return scores, ids
+
+
+def test_filter_groups_by_std_keeps_floor_075_largest_spec_8_2():
+    scores, ids = _std_groups()
+    kept = spear.filter_groups_by_std(scores, ids, 0.75, unbiased=True)  # floor(3) = 3 groups
+    assert kept.tolist() == [False] * 4 + [True] * 12
+    kept = spear.filter_groups_by_std(scores, ids, 0.5, unbiased=True)  # 2 groups: big, mid
+    assert kept.tolist() == [False] * 4 + [True] * 8 + [False] * 4
+    kept = spear.filter_groups_by_std(scores, ids, 0.3, unbiased=True)  # floor(1.2) = 1: big
+    assert kept.tolist() == [False] * 4 + [True] * 4 + [False] * 8
+
+
+def test_filter_groups_by_std_rev_keeps_smallest():
+    scores, ids = _std_groups()
+    kept = spear.filter_groups_by_std(scores, ids, 0.5, unbiased=True, reverse=True)  # z, small
+    assert kept.tolist() == [True] * 4 + [False] * 8 + [True] * 4
+
+
+def test_filter_groups_by_std_ratio_one_keeps_all():
+    scores, ids = _std_groups()
+    assert spear.filter_groups_by_std(scores, ids, 1.0, unbiased=True).tolist() == [True] * 16
+    assert spear.filter_groups_by_std(torch.tensor([1.0, 1.0]), ["a", "a"], 1.0).tolist() == [True, True]
+
+
+def test_filter_groups_by_std_ties_are_stable():
+    # a, b, c have equal std, d has std 0; keep floor(0.5*4) = 2 -> the two earliest of the tie
+    ids = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    scores = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 3.0, 3.0])
+    assert spear.filter_groups_by_std(scores, ids, 0.5).tolist() == [True] * 4 + [False] * 4
+    # reversed: d (std 0) first, then the earliest of the tie (a)
+    assert spear.filter_groups_by_std(scores, ids, 0.5, reverse=True).tolist() == \
+        [True, True, False, False, False, False, True, True]
+    # order of appearance decides among ties, not the id's name: put "c" first
+    ids2 = ["c", "c", "a", "a", "b", "b", "d", "d"]
+    assert spear.filter_groups_by_std(scores, ids2, 0.5).tolist() == [True] * 4 + [False] * 4
+
+
+def test_filter_groups_by_std_keeps_at_least_one_group():
+    # floor(0.75 * 1) = 0 in the official code; spear keeps one (documented deviation 4)
+    kept = spear.filter_groups_by_std(torch.tensor([0.0, 1.0, 1.0]), ["only"] * 3, 0.75)
+    assert kept.tolist() == [True, True, True]
+    # G = 3 -> floor(2.25) = 2
+    kept = spear.filter_groups_by_std(torch.tensor([0.0, 4.0, 0.0, 2.0, 1.0, 1.0]),
+                                      ["a", "a", "b", "b", "c", "c"], 0.75)
+    assert kept.tolist() == [True, True, True, True, False, False]
+
+
+def test_filter_groups_by_std_agent_uses_trajectory_scores_population_std():
+    # g1: t1 has 7 step-samples of score 8, t2 one sample 0 -> traj scores [8, 0], pop std 4
+    #     (a step-weighted std over [8]*7+[0] would be sqrt(7) ~ 2.65)
+    # g2: t3 [6], t4 [0] -> pop std 3 ; g3: [1], [1] -> 0
+    gids = ["g1"] * 8 + ["g2", "g2", "g3", "g3"]
+    tids = ["t1"] * 7 + ["t2", "t3", "t4", "t5", "t6"]
+    scores = torch.tensor([8.0] * 7 + [0.0, 6.0, 0.0, 1.0, 1.0])
+    kept = spear.filter_groups_by_std(scores, gids, 0.34, traj_ids=tids)  # floor(1.02) = 1 group
+    assert kept.tolist() == [True] * 8 + [False] * 4
+    kept = spear.filter_groups_by_std(scores, gids, 0.75, traj_ids=tids)  # 2 groups
+    assert kept.tolist() == [True] * 10 + [False] * 2
+
+
+def test_response_filter_overlong_at_exact_max_length():
+    ids = [list(range(8)), list(range(7)), list(range(9)), []]
+    flags = spear.response_filters(ids, ["ok"] * 4, max_response_length=8)
+    assert flags["overlong"].tolist() == [True, False, True, False]
+
+
+def test_response_filter_repetitive_20gram_10_vs_9_times():
+    ten = list(range(100, 120)) * 10  # the 20-gram (100..119) occurs exactly 10 times
+    nine = list(range(100, 120)) * 9  # 9 times; every rotation occurs <= 9 times
+    same29 = [7] * 29  # (7,)*20 occurs 10 times
+    same28 = [7] * 28  # 9 times
+    short = [1, 2, 3]
+    flags = spear.response_filters([ten, nine, same29, same28, short], ["x"] * 5, max_response_length=10_000)
+    assert flags["repetitive"].tolist() == [True, False, True, False, False]
+    assert flags["overlong"].tolist() == [False] * 5
+
+
+def test_response_filter_unreadable():
+    texts = ["plain text", "bad \ufffd char", "mojibake ï¿½ here", "ï¼Ÿ", "Ġï¿½",
+             "café naïve 你好 — fine", ""]
+    flags = spear.response_filters([[1]] * len(texts), texts, max_response_length=100)
+    assert flags["unreadable"].tolist() == [False, True, True, True, True, False, False]
+
+
+def test_response_filter_void_passthrough_and_default():
+    flags = spear.response_filters([[1], [2], [3]], ["a", "b", "c"], 100, void=[True, False, True])
+    assert flags["void"].tolist() == [True, False, True]
+    flags = spear.response_filters([[1], [2]], ["a", "b"], 100)
+    assert flags["void"].tolist() == [False, False]
+    assert set(flags) == {"overlong", "void", "repetitive", "unreadable"}
+
+
+def test_is_void_agent_turn_spec_8_1():
+    assert spear.is_void_agent_turn("<think>plan</think><action>go north</action>") is False
+    assert spear.is_void_agent_turn("<think>a</think> text <action>x</action> trailing") is False
+    # action only before the last </think>
+    assert spear.is_void_agent_turn("<think>a</think><action>x</action><think>b</think> nothing") is True
+    assert spear.is_void_agent_turn("<action>x</action><think>y</think>") is True
+    # no think at all: an action anywhere is enough (the think block is not required)
+    assert spear.is_void_agent_turn("<action>go</action>") is False
+    assert spear.is_void_agent_turn("just words") is True
+    # empty / None
+    assert spear.is_void_agent_turn("") is True
+    assert spear.is_void_agent_turn(None) is True
+    # unclosed or reversed tags
+    assert spear.is_void_agent_turn("<think>r</think><action>go") is True
+    assert spear.is_void_agent_turn("<think>r</think></action>x<action>") is True
+
+
+# ================================================================================================
+# 5. Self-imitation (spec §3, §4)
+# ================================================================================================
+
+
+def S(reward, adv, ntok=4, **kw):
+    return {"reward": reward, "advantage": adv, "num_tokens": ntok, **kw}
+
+
+def test_recalibrate_advantages_spec_4_2():
+    _close(spear.recalibrate_advantages(torch.tensor([1.0, 3.0, 2.0]), 2.0), [-1.0, 1.0, 0.0])
+    _close(spear.recalibrate_advantages(torch.tensor([1.0, 3.0]), 2.0, std_baseline=0.5),
+           [-1.0 / (0.5 + 1e-6), 1.0 / (0.5 + 1e-6)], rel=1e-7)
+
+
+def test_largest_power_of_two():
+    cases = {0: 0, 1: 0, 2: 2, 3: 2, 4: 4, 5: 4, 13: 8, 16: 16, 17: 16, 2048: 2048, 3073: 2048}
+    for n, expected in cases.items():
+        assert spear.largest_power_of_two(n) == expected, n
+
+
+def test_buffer_admission_spec_3_2():
+    buf = spear.ReplayBuffer(capacity=8, weight_decay=1.0)
+    samples = [S(1.0, 0.5, id=0), S(1.0, 0.0, id=1), S(1.0, -0.3, id=2), S(1.0, 0.7, ntok=0, id=3),
+               S(-2.0, 0.1, id=4)]  # negative reward with positive advantage is admitted
+    assert buf.add(samples, step=1) == 2
+    assert len(buf) == 2
+    assert buf.add([S(5.0, -1.0), S(5.0, 0.0)], step=2) == 0
+    assert len(buf) == 2
+    out = buf.drain(torch.Generator().manual_seed(0))
+    assert sorted(x["id"] for x in out) == [0, 4]
+
+
+def test_buffer_admission_requires_tool_call():
+    buf = spear.ReplayBuffer(capacity=8, weight_decay=1.0, require_tool_call=True)
+    samples = [S(1.0, 0.5, tool_calls=0, id=0), S(1.0, 0.5, tool_calls=2, id=1), S(1.0, 0.5, id=2),
+               S(1.0, -1.0, tool_calls=3, id=3), S(1.0, 0.5, ntok=0, tool_calls=1, id=4),
+               S(1.0, 0.2, tool_calls=1, id=5)]
+    assert buf.add(samples, step=1) == 2
+    out = buf.drain(torch.Generator().manual_seed(0))
+    assert sorted(x["id"] for x in out) == [1, 5]
+
+
+def test_buffer_staleness_from_newest_stored_entry_not_current_step():
+    buf = spear.ReplayBuffer(capacity=1000, tolerate_steps=2)
+    buf.add([S(1, 1)], step=1)
+    buf.add([S(1, 1)] * 2, step=2)
+    for t in range(3, 8):  # nothing admitted at steps 3..7
+        assert buf.add([S(1, -1)], step=t) == 0
+    assert len(buf) == 3
+    # newest stored entry is step 2: entries 1 and 2 survive although step 8 is > tau away from both
+    buf.add([S(1, 1)] * 4, step=8)
+    assert len(buf) == 1 + 2 + 4
+    # now the newest is 8: |1-8|, |2-8| > 2 -> dropped before inserting step 9
+    buf.add([S(1, 1)] * 8, step=9)
+    assert len(buf) == 4 + 8
+    buf.add([S(1, 1)] * 16, step=11)  # newest 9: |8-9| = 1 kept
+    assert len(buf) == 4 + 8 + 16
+    buf.add([], step=12)  # newest 11: |8-11| = 3 dropped, |9-11| = 2 kept (boundary)
+    assert len(buf) == 8 + 16
+    buf.add([S(1, -1)], step=13)  # newest still 11
+    assert len(buf) == 8 + 16
+
+
+def test_buffer_staleness_tau_capped_at_10():
+    buf = spear.ReplayBuffer(capacity=1000, tolerate_steps=50)
+    buf.add([S(1, 1)], step=1)
+    buf.add([S(1, 1)] * 2, step=11)  # newest 1
+    buf.add([S(1, 1)] * 4, step=12)  # newest 11: |1-11| = 10 <= 10 kept
+    assert len(buf) == 7
+    buf.add([S(1, 1)] * 8, step=13)  # newest 12: |1-12| = 11 > min(50, 10) dropped
+    assert len(buf) == 2 + 4 + 8
+    buf5 = spear.ReplayBuffer(capacity=1000, tolerate_steps=5)
+    buf5.add([S(1, 1)], step=1)
+    buf5.add([S(1, 1)] * 2, step=6)
+    buf5.add([S(1, 1)] * 4, step=7)  # newest 6: |1-6| = 5 kept
+    assert len(buf5) == 7
+    buf5.add([S(1, 1)] * 8, step=8)  # newest 7: |1-7| = 6 > 5 dropped
+    assert len(buf5) == 14
+
+
+def test_buffer_baseline_medians_numpy_linear_interpolation():
+    buf = spear.ReplayBuffer(capacity=4)
+    assert buf.baseline() == (None, None)
+    buf.update_baseline([10.0, 0.0], [1.0, 5.0], step=1)
+    buf.update_baseline([4.0, 1.0], [2.0, 3.0], step=2)
+    b50, s50 = buf.baseline()
+    assert b50 == pytest.approx((1.0 + 4.0) / 2)  # sorted [0, 1, 4, 10]
+    assert s50 == pytest.approx((2.0 + 3.0) / 2)  # sorted [1, 2, 3, 5]
+    buf.update_baseline([7.0], [0.5], step=3)
+    b50, s50 = buf.baseline()
+    assert b50 == pytest.approx(4.0)  # [0, 1, 4, 7, 10]
+    assert s50 == pytest.approx(2.0)  # [0.5, 1, 2, 3, 5]
+
+
+def test_buffer_readiness_strictly_above_1_5x_and_strictly_above_b50():
+    buf = spear.ReplayBuffer(capacity=2)  # ready iff size > 3
+    buf.update_baseline([0.0, 1.0, 2.0], [0.0, 0.0, 0.0], step=1)  # b50 = 1.0
+    buf.add([S(2.0, 1), S(2.0, 1), S(3.0, 1), S(1.0, 1), S(0.5, 1)], step=1)
+    assert len(buf) == 5
+    assert buf.size() == 3  # R = 1.0 == b50 is not counted
+    assert buf.ready() is False  # exactly 1.5 x capacity is not ready
+    buf.add([S(1.5, 0.2)], step=2)
+    assert buf.size() == 4
+    assert buf.ready() is True
+
+
+def test_buffer_size_empty_history_falls_back_to_per_entry_mean():
+    buf = spear.ReplayBuffer(capacity=1)  # ready iff size > 1.5
+    buf.add([S(0.0, 1), S(0.0, 1), S(3.0, 1)], step=1)  # entry mean 1 -> only 3.0 counts
+    buf.add([S(10.0, 1), S(12.0, 1), S(14.0, 1)], step=2)  # entry mean 12 -> only 14.0 counts
+    # (a global mean 6.5 or median would count 3; a zero baseline 4)
+    assert buf.size() == 2
+    assert buf.ready() is True
+    buf2 = spear.ReplayBuffer(capacity=2)
+    buf2.load_state_dict(buf.state_dict())
+    assert buf2.ready() is False
+
+
+def _drain_buffer(**kw):
+    buf = spear.ReplayBuffer(capacity=8, **kw)
+    buf.update_baseline([1.0, 2.0, 3.0], [0.5, 2.0, 4.0], step=1)  # b50 = 2, s50 = 2
+    buf.add([S(0.0, 1, id=0), S(2.0, 1, id=1), S(2.5, 1, id=2), S(5.0, 1, id=3), S(1.9, 1, id=4),
+             S(3.0, 1, id=5)], step=1)
+    return buf
+
+
+def test_buffer_drain_recalibrates_and_keeps_zero():
+    buf = _drain_buffer(keep_zero=True)
+    out = buf.drain(torch.Generator().manual_seed(0))
+    # A~ = R - 2: id0 -2 (drop), id1 0 (keep), id2 0.5, id3 3, id4 -0.1 (drop), id5 1 -> 4 kept = 2^2
+    got = {x["id"]: x["advantage"] for x in out}
+    assert sorted(got) == [1, 2, 3, 5]
+    for i, a in {1: 0.0, 2: 0.5, 3: 3.0, 5: 1.0}.items():
+        assert got[i] == pytest.approx(a, abs=1e-6)
+    for x in out:  # other fields ride along
+        assert x["num_tokens"] == 4 and x["reward"] in (2.0, 2.5, 5.0, 3.0)
+
+
+def test_buffer_drain_drops_zero_when_keep_zero_false():
+    buf = _drain_buffer(keep_zero=False)
+    out = buf.drain(torch.Generator().manual_seed(0))
+    # kept {2: 0.5, 3: 3, 5: 1} -> 3 -> power of two 2
+    assert len(out) == 2
+    assert len({x["id"] for x in out}) == 2
+    expected = {2: 0.5, 3: 3.0, 5: 1.0}
+    for x in out:
+        assert x["id"] in expected
+        assert x["advantage"] == pytest.approx(expected[x["id"]], abs=1e-6)
+
+
+def test_buffer_drain_norm_by_std_divides_by_s50():
+    buf = _drain_buffer(keep_zero=True, norm_by_std=True)
+    assert buf.size() == 3  # the trigger count still uses R > b50 (2.5, 5, 3), not the normalised value
+    out = buf.drain(torch.Generator().manual_seed(0))
+    got = {x["id"]: x["advantage"] for x in out}
+    assert sorted(got) == [1, 2, 3, 5]
+    for i, r in {1: 2.0, 2: 2.5, 3: 5.0, 5: 3.0}.items():
+        assert got[i] == pytest.approx((r - 2.0) / (2.0 + 1e-6), rel=1e-6, abs=1e-7)
+
+
+def _buffer_with_kept(n_kept, capacity):
+    buf = spear.ReplayBuffer(capacity=capacity)
+    buf.update_baseline([0.0], [1.0], step=1)  # b50 = 0
+    buf.add([S(float(i + 1), 1, id=i) for i in range(n_kept)] + [S(-1.0, 1, id=-1)] * 3, step=1)
+    return buf
+
+
+def test_buffer_drain_power_of_two_subset_not_above_capacity():
+    out = _buffer_with_kept(13, capacity=16).drain(torch.Generator().manual_seed(1))
+    assert len(out) == 8 and len({x["id"] for x in out}) == 8
+    assert all(0 <= x["id"] < 13 and x["advantage"] == pytest.approx(x["id"] + 1.0) for x in out)
+    out = _buffer_with_kept(13, capacity=4).drain(torch.Generator().manual_seed(1))
+    assert len(out) == 4 and len({x["id"] for x in out}) == 4
+    out = _buffer_with_kept(13, capacity=5).drain(torch.Generator().manual_seed(1))
+    assert len(out) == 5  # min(8, capacity 5)
+    out = _buffer_with_kept(16, capacity=16).drain(torch.Generator().manual_seed(1))
+    assert sorted(x["id"] for x in out) == list(range(16))
+    buf = _buffer_with_kept(1, capacity=16)
+    assert buf.drain(torch.Generator().manual_seed(1)) == []
+    assert len(buf) == 0
+
+
+def test_buffer_drain_empty_returns_empty_list():
+    buf = spear.ReplayBuffer(capacity=4)
+    assert buf.drain() == []
+    buf.update_baseline([1.0], [1.0], step=1)
+    assert buf.drain(torch.Generator().manual_seed(0)) == []
+    assert buf.size() == 0 and buf.ready() is False
+
+
+def test_buffer_empty_after_drain_and_history_kept():
+    buf = _drain_buffer()
+    assert buf.baseline() == (pytest.approx(2.0), pytest.approx(2.0))
+    buf.drain(torch.Generator().manual_seed(0))
+    assert len(buf) == 0
+    assert buf.size() == 0
+    assert buf.ready() is False
+    assert buf.baseline() == (pytest.approx(2.0), pytest.approx(2.0))
+    assert buf.drain() == []
+    # refill works and uses the kept history (b50 = 2): R 2.5 counts, 1.5 does not
+    assert buf.add([S(2.5, 1), S(1.5, 1)], step=2) == 2
+    assert buf.size() == 1
+
+
+def test_buffer_baseline_window_pops_whole_oldest_steps():
+    buf = spear.ReplayBuffer(capacity=4, baseline_size=5)
+    buf.update_baseline([100.0, 100.0, 100.0], [9.0, 9.0, 9.0], step=1)
+    buf.update_baseline([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], step=2)
+    # 6 stored > 5: the window exceeds the limit by one step's worth
+    b50, s50 = buf.baseline()
+    assert b50 == pytest.approx((3.0 + 100.0) / 2)  # [1, 2, 3, 100, 100, 100]
+    assert s50 == pytest.approx((1.0 + 9.0) / 2)
+    buf.update_baseline([4.0, 5.0, 6.0], [2.0, 2.0, 2.0], step=3)  # pops step 1 before appending
+    b50, s50 = buf.baseline()
+    assert b50 == pytest.approx(3.5)  # [1..6]
+    assert s50 == pytest.approx(1.5)  # [1, 1, 1, 2, 2, 2]
+
+
+def test_buffer_baseline_window_pops_while_over_limit():
+    buf = spear.ReplayBuffer(capacity=4, baseline_size=1)
+    buf.update_baseline([50.0], [0.0], step=1)
+    buf.update_baseline([60.0], [0.0], step=2)  # count 1 is not > 1: nothing popped
+    assert buf.baseline()[0] == pytest.approx(55.0)
+    buf.update_baseline([1.0, 2.0, 3.0, 4.0, 5.0], [0.0] * 5, step=3)  # count 2 > 1: pop step 1 only
+    assert buf.baseline()[0] == pytest.approx(3.5)  # [1, 2, 3, 4, 5, 60]
+    buf.update_baseline([-7.0], [0.0], step=4)  # count 6: pop step 2 (5 > 1), pop step 3 (0)
+    assert buf.baseline()[0] == pytest.approx(-7.0)
+
+
+def test_buffer_weight_decay_mode_spec_4_3():
+    buf = spear.ReplayBuffer(capacity=8, weight_decay=0.5)
+    buf.update_baseline([100.0], [1.0], step=1)  # would drop everything in recalibration mode
+    buf.add([S(0.0, 1.0, id=0), S(1.0, 2.0, id=1), S(-1.0, 4.0, id=2), S(5.0, 0.5, id=3)], step=1)
+    assert buf.size() == 4  # all samples count, whatever their reward
+    out = buf.drain(torch.Generator().manual_seed(0))
+    got = {x["id"]: x["advantage"] for x in out}
+    assert got == {0: pytest.approx(0.5), 1: pytest.approx(1.0), 2: pytest.approx(2.0), 3: pytest.approx(0.25)}
+
+    small = spear.ReplayBuffer(capacity=2, weight_decay=1.0)  # w = 1 is still decay mode
+    small.add([S(-5.0, 0.3, id=0), S(-5.0, 0.6, id=1), S(-5.0, 0.9, id=2)], step=1)
+    assert small.size() == 3 and small.ready() is False  # 3 == 1.5 x 2
+    small.add([S(-5.0, 1.2, id=3)], step=2)
+    assert small.size() == 4 and small.ready() is True
+    out = small.drain(torch.Generator().manual_seed(0))
+    stored = {0: 0.3, 1: 0.6, 2: 0.9, 3: 1.2}
+    assert len(out) == 2
+    for x in out:
+        assert x["advantage"] == pytest.approx(stored[x["id"]])
+
+
+def test_buffer_weight_outside_0_1_means_recalibration():
+    for w in (-1.0, 1.5):
+        buf = spear.ReplayBuffer(capacity=8, weight_decay=w)
+        buf.update_baseline([2.0], [1.0], step=1)
+        buf.add([S(1.0, 1.0, id=0), S(3.0, 1.0, id=1), S(4.0, 1.0, id=2)], step=1)
+        assert buf.size() == 2
+        out = buf.drain(torch.Generator().manual_seed(0))
+        assert {x["id"]: x["advantage"] for x in out} == {1: pytest.approx(1.0), 2: pytest.approx(2.0)}
+
+
+def test_buffer_state_dict_round_trip():
+    kw = dict(capacity=4, tolerate_steps=3, baseline_size=10)
+    buf = spear.ReplayBuffer(**kw)
+    buf.update_baseline([0.0, 1.0], [0.5, 0.5], step=1)
+    buf.update_baseline([2.0], [1.5], step=2)
+    buf.add([S(float(i), 1.0, id=i) for i in range(5)], step=1)
+    buf.add([S(float(i), 1.0, id=i) for i in range(5, 9)], step=3)
+    state = pickle.loads(pickle.dumps(buf.state_dict()))
+    new = spear.ReplayBuffer(**kw)
+    new.load_state_dict(state)
+    assert len(new) == len(buf) == 9
+    assert new.size() == buf.size() == 7  # b50 = 1: rewards 2..8
+    assert new.ready() is True and buf.ready() is True
+    assert new.baseline() == buf.baseline()
+    # staleness continues from the same newest stored entry (step 3): step 1 is 3 away -> kept
+    assert buf.add([S(10.0, 1.0, id=9)], step=4) == new.add([S(10.0, 1.0, id=9)], step=4) == 1
+    assert len(new) == len(buf) == 10
+    out_a = buf.drain(torch.Generator().manual_seed(123))
+    out_b = new.drain(torch.Generator().manual_seed(123))
+    assert len(out_a) == 4
+    assert [(x["id"], x["advantage"]) for x in out_a] == [(x["id"], x["advantage"]) for x in out_b]
+    # after the original drained, the restored one (already drained too) and state are independent
+    assert len(buf) == len(new) == 0
+
+
+def test_buffer_multi_step_lifecycle():
+    """admission -> staleness -> readiness -> drain -> refill over 9 steps (counts by hand).
+
+    capacity 2 (ready iff size > 3), tau 2, keep zero. Per step: drain if ready, add, update history.
+    """
+    buf = spear.ReplayBuffer(capacity=2, tolerate_steps=2, baseline_size=100)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(t, samples, mean, exp_admitted, exp_len, exp_size, exp_ready):
+        replay = buf.drain(gen) if buf.ready() else None
+        assert buf.add(samples, step=t) == exp_admitted, t
+        buf.update_baseline([mean], [0.0], step=t)
+        assert len(buf) == exp_len, t
+        assert buf.size() == exp_size, t
+        assert buf.ready() is exp_ready, t
+        return replay
+
+    # t1: 2 admitted; history [0.5] -> b50 0.5; size: 1, 1 > 0.5
+    assert step(1, [S(1, .5, id="1a"), S(1, .5, id="1b"), S(0, -.5), S(0, -.5)], 0.5, 2, 2, 2, False) is None
+    # t2: nothing admitted (A = 0 is not > 0); history [0.5, 0] -> b50 0.25
+    assert step(2, [S(0, -1), S(1, 0.0)], 0.0, 0, 2, 2, False) is None
+    # t3: nothing; history [0.5, 0, 1] -> b50 0.5
+    assert step(3, [S(0, -1)], 1.0, 0, 2, 2, False) is None
+    # t4: newest stored entry is step 1 -> nothing stale (from the current step it would be);
+    #     history [0.5, 0, 1, 0] -> b50 0.25; size 3 == 1.5 x capacity -> not ready
+    assert step(4, [S(2, 1.0, id="4a")], 0.0, 1, 3, 3, False) is None
+    # t5: newest 4: |1 - 4| = 3 > 2 -> 1a, 1b dropped; 4 admitted; history [.5,0,1,0,1.5] -> b50 0.5
+    #     size: 4a(2), 5a(3), 5c(4), 5d(1) > 0.5, 5b (0.5) not -> 4 > 3 ready
+    assert step(5, [S(3, 1.5, id="5a"), S(0.5, 0.2, id="5b"), S(4, 2.0, id="5c"), S(1, 0.3, id="5d"),
+                    S(-1, -1)], 1.5, 4, 5, 4, True) is None
+    # t6: drain with b50 0.5: A~ 4a 1.5, 5a 2.5, 5b 0 (kept), 5c 3.5, 5d 0.5 -> 5 kept -> 4 -> cap 2
+    #     refill: 2 admitted; history + [2] -> [0,0,.5,1,1.5,2] -> b50 0.75
+    replay = step(6, [S(2, 1.0, id="6a"), S(2, 1.0, id="6b"), S(0, -1)], 2.0, 2, 2, 2, False)
+    expected = {"4a": 1.5, "5a": 2.5, "5b": 0.0, "5c": 3.5, "5d": 0.5}
+    assert len(replay) == 2 and len({x["id"] for x in replay}) == 2
+    for x in replay:
+        assert x["advantage"] == pytest.approx(expected[x["id"]], abs=1e-6)
+    # t7: history + [1] -> [0,0,.5,1,1,1.5,2] -> b50 1.0; size: 6a, 6b (2 > 1); 7a (1), 7b no
+    assert step(7, [S(1, 0.5, id="7a"), S(0.25, 0.1, id="7b")], 1.0, 2, 4, 2, False) is None
+    # t8: history + [0] -> [0,0,0,.5,1,1,1.5,2] -> b50 0.75; size 2,2,1,3,5 -> 5 > 3 ready
+    assert step(8, [S(3, 1.0, id="8a"), S(5, 2.0, id="8b")], 0.0, 2, 6, 5, True) is None
+    # t9: drain with b50 0.75: 6a 1.25, 6b 1.25, 7a 0.25, 7b -0.5 (drop), 8a 2.25, 8b 4.25 -> 5 -> 2
+    replay = step(9, [], 0.5, 0, 0, 0, False)
+    expected = {"6a": 1.25, "6b": 1.25, "7a": 0.25, "8a": 2.25, "8b": 4.25}
+    assert len(replay) == 2 and len({x["id"] for x in replay}) == 2
+    for x in replay:
+        assert x["advantage"] == pytest.approx(expected[x["id"]], abs=1e-6)
+    assert len(buf.baseline_means) == 9  # history kept across both drains
+
+
+# ================================================================================================
+# 6. Losses (spec §5, §6)
+# ================================================================================================
+
+
+def test_token_logprobs_and_entropy_by_hand():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])  # (1, 2, 2)
+    targets = torch.tensor([[1, 0]])
+    logp, ent = spear.token_logprobs_and_entropy(logits, targets)
+    # p = [1/4, 3/4]; p = [1/2, 1/2]
+    _close(logp, [math.log(0.75), math.log(0.5)])
+    _close(ent, [-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(2.0)])
+    # temperature 0.5: logits [0, 2 ln 3] -> p = [1/10, 9/10]
+    logp, ent = spear.token_logprobs_and_entropy(logits, targets, temperature=0.5)
+    _close(logp, [math.log(0.9), math.log(0.5)])
+    _close(ent, [-(0.1 * math.log(0.1) + 0.9 * math.log(0.9)), math.log(2.0)])
+
+
+def test_token_logprobs_and_entropy_three_way_vocab_and_temperature():
+    logits = torch.tensor([[[1.0, 2.0, 3.0]]])
+    for temp in (1.0, 2.0):
+        z = [1.0 / temp, 2.0 / temp, 3.0 / temp]
+        log_norm = math.log(sum(math.exp(v) for v in z))
+        p = [math.exp(v - log_norm) for v in z]
+        for target in range(3):
+            logp, ent = spear.token_logprobs_and_entropy(logits, torch.tensor([[target]]), temperature=temp)
+            _close(logp, [z[target] - log_norm])
+            _close(ent, [-sum(pi * math.log(pi) for pi in p)])
+
+
+LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+
+def test_agg_norm_four_modes():
+    assert spear.agg_norm(MASK, "token-mean") == 3.0
+    assert spear.agg_norm(MASK, "seq-mean-token-sum") == 2.0
+    assert spear.agg_norm(MASK, "seq-mean-token-mean") == 2.0
+    assert spear.agg_norm(MASK, "seq-mean-token-sum-norm", 4) == 2.0 * 4.0
+    assert spear.agg_norm(MASK, "seq-mean-token-sum-norm") == 2.0 * 3.0  # L defaults to the width
+
+
+def test_aggregate_loss_four_modes_by_hand_spec_5_4():
+    def agg(mode, L=None):
+        return float(spear.aggregate_loss(LOSS, MASK, mode, spear.agg_norm(MASK, mode, L)))
+    assert agg("token-mean") == pytest.approx((1 + 2 + 4) / 3)
+    assert agg("seq-mean-token-sum") == pytest.approx(((1 + 2) + 4) / 2)
+    assert agg("seq-mean-token-mean") == pytest.approx(((1 + 2) / 2 + 4 / 1) / 2)
+    # Dr.GRPO normaliser of the whole mini-batch: sum / (B * L) (spear.py deviation 1; the official
+    # per-micro-batch sum / L with gradient accumulation is b times this, spec §5.4)
+    assert agg("seq-mean-token-sum-norm", 4) == pytest.approx((1 + 2 + 4) / (2 * 4))
+    # an explicit norm is used as given
+    assert float(spear.aggregate_loss(LOSS, MASK, "token-mean", 10.0)) == pytest.approx(0.7)
+
+
+def test_aggregate_loss_fully_masked_rows_are_finite():
+    # spear.py deviation 2: a fully masked (filtered) row does not count in the seq-mean normalisers
+    # (the official "mean over sequences", spec §5.4, would divide by 2 here)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    assert spear.agg_norm(mask, "seq-mean-token-sum") == 1.0
+    assert spear.agg_norm(mask, "seq-mean-token-sum-norm", 4) == 1.0 * 4
+    out = spear.aggregate_loss(LOSS, mask, "seq-mean-token-mean", spear.agg_norm(mask, "seq-mean-token-mean"))
+    assert float(out) == pytest.approx((1 + 2) / 2 / 1)
+    out = spear.aggregate_loss(LOSS, mask, "seq-mean-token-sum", spear.agg_norm(mask, "seq-mean-token-sum"))
+    assert float(out) == pytest.approx((1 + 2) / 1)
+    zero = torch.zeros(2, 3)
+    for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        out = spear.aggregate_loss(LOSS, zero, mode, spear.agg_norm(zero, mode, 4))
+        assert torch.isfinite(out) and float(out) == 0.0, mode
+
+
+def test_kl_penalty_four_types_by_hand_spec_5_5():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -0.5]])  # delta = ref - logp = [-0.5, 1.5]
+    _close(spear.kl_penalty(logp, ref, "low_var_kl"),
+           [math.exp(-0.5) + 0.5 - 1, math.exp(1.5) - 1.5 - 1])
+    _close(spear.kl_penalty(logp, ref, "kl"), [0.5, -1.5])
+    _close(spear.kl_penalty(logp, ref, "abs"), [0.5, 1.5])
+    _close(spear.kl_penalty(logp, ref, "mse"), [0.5 * 0.25, 0.5 * 2.25])
+    # k3 clamped to 10: delta 5 -> e^5 - 6 = 142.4
+    _close(spear.kl_penalty(torch.tensor([[0.0]]), torch.tensor([[5.0]]), "low_var_kl"), [10.0])
+    _close(spear.kl_penalty(torch.tensor([[0.0]]), torch.tensor([[0.0]]), "low_var_kl"), [0.0])
+
+
+def test_policy_loss_vanilla_by_hand_spec_5_1():
+    # token: A, r ; eps_low 0.2, eps_high 0.28, c 10
+    # 0: +1, 1.5 -> clip: -1.28, no grad      1: +1, 0.5 -> -0.5 (unclipped), grad -0.5
+    # 2: -1, 0.5 -> clip: 0.8, no grad        3: -1, 20  -> dual clip: 10, no grad
+    # 4: -1, 2.0 -> 2.0, grad +2.0            5: +1, 1.1 -> -1.1, grad -1.1
+    # 6: padding (mask 0), A = 5, r = 3 -> ignored
+    A = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0, 1.0, 5.0]], dtype=torch.float64)
+    r = [1.5, 0.5, 0.5, 20.0, 2.0, 1.1, 3.0]
+    logp = torch.zeros(1, 7, dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-math.log(x) for x in r]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
+    loss, m = spear.policy_loss(logp, old, A, mask, loss_mode="vanilla", clip_ratio_low=0.2,
+                                clip_ratio_high=0.28, clip_ratio_c=10.0, loss_agg_mode="token-mean")
+    assert loss.item() == pytest.approx((-1.28 - 0.5 + 0.8 + 10.0 + 2.0 - 1.1) / 6, rel=1e-9)
+    loss.backward()
+    _close(logp.grad, [0.0, -0.5 / 6, 0.0, 0.0, 2.0 / 6, -1.1 / 6, 0.0], rel=1e-9, abs_=1e-12)
+    assert m["pg_clipfrac"] == pytest.approx(2 / 6)  # tokens 0 and 2 (L2 > L1)
+    assert m["pg_clipfrac_lower"] == pytest.approx(1 / 6)  # token 3
+    assert m["ppo_kl"] == pytest.approx(-sum(math.log(x) for x in r[:6]) / 6, rel=1e-9)
+    assert m["pg_loss"] == pytest.approx(loss.item())
+
+
+def test_policy_loss_vanilla_dual_clip_huge_ratio_and_clamp():
+    # A < 0 and an enormous ratio (log-ratio 100, clamped to 20): loss = -A * c, zero finite gradient
+    logp = torch.tensor([[100.0]], dtype=torch.float64, requires_grad=True)
+    old = torch.zeros(1, 1, dtype=torch.float64)
+    loss, m = spear.policy_loss(logp, old, torch.tensor([[-2.0]], dtype=torch.float64), torch.ones(1, 1),
+                                clip_ratio_c=3.0, loss_agg_mode="token-mean")
+    assert loss.item() == pytest.approx(2.0 * 3.0)
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and float(logp.grad) == 0.0
+    assert m["pg_clipfrac_lower"] == pytest.approx(1.0)
+    # A > 0 with the same ratio: clipped at 1 + eps_high
+    logp = torch.tensor([[100.0]], dtype=torch.float64, requires_grad=True)
+    loss, _ = spear.policy_loss(logp, old, torch.tensor([[2.0]], dtype=torch.float64), torch.ones(1, 1),
+                                clip_ratio_high=0.28, loss_agg_mode="token-mean")
+    assert loss.item() == pytest.approx(-2.0 * 1.28)
+    loss.backward()
+    assert float(logp.grad) == 0.0
+    # A < 0, ratio 2 < c = 3: no dual clip, loss = -A r
+    logp = torch.tensor([[math.log(2.0)]], dtype=torch.float64, requires_grad=True)
+    loss, m = spear.policy_loss(logp, old, torch.tensor([[-1.0]], dtype=torch.float64), torch.ones(1, 1),
+                                clip_ratio_c=3.0, loss_agg_mode="token-mean")
+    assert loss.item() == pytest.approx(2.0)
+    assert m["pg_clipfrac_lower"] == 0.0
+
+
+def test_policy_loss_vanilla_positive_advantage_low_ratio_keeps_gradient_spec_4_4():
+    # replayed samples: A >= 0 and ratio < 1 - eps_low still get the full gradient -A r
+    logp = torch.tensor([[math.log(0.3)]], dtype=torch.float64, requires_grad=True)
+    old = torch.zeros(1, 1, dtype=torch.float64)
+    loss, m = spear.policy_loss(logp, old, torch.tensor([[2.0]], dtype=torch.float64), torch.ones(1, 1),
+                                loss_agg_mode="token-mean")
+    assert loss.item() == pytest.approx(-0.6)
+    loss.backward()
+    assert float(logp.grad) == pytest.approx(-0.6)
+    assert m["pg_clipfrac"] == 0.0
+
+
+# Clip-Cov toy: A row0 = +2, row1 = -2 (masked mean 0); logp row0 [-0.5, -1.5, -4], row1 [-3, -2.5, -0.5]
+# (masked mean -2) -> cov row0 = 2 * [1.5, 0.5, -2] = [3, 1, -4]; row1 = -2 * [-1, -0.5, 1.5] = [2, 1, -3].
+# Column 3 is padding (mask 0) with a logp that would give a huge covariance if it counted.
+COV_LOGP = torch.tensor([[-0.5, -1.5, -4.0, 50.0], [-3.0, -2.5, -0.5, -50.0]])
+COV_ADV = torch.tensor([[2.0] * 4, [-2.0] * 4])
+COV_MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+
+
+def _ccm(ratio, lb, ub, old=None, seed=0):
+    return spear.clip_cov_mask(COV_LOGP, COV_LOGP.clone() if old is None else old, COV_ADV, COV_MASK,
+                               ratio, lb, ub, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                               generator=torch.Generator().manual_seed(seed))
+
+
+def _removed(mask):
+    return sorted((i, j) for i, j in mask.nonzero().tolist())
+
+
+def test_clip_cov_no_candidates_removes_nothing():
+    assert _removed(_ccm(0.5, 10.0, 20.0)) == []
+    assert _removed(_ccm(1.0, -20.0, -10.0)) == []
+
+
+def test_clip_cov_fewer_candidates_than_k_removes_all_candidates():
+    # (lb, ub) = (1.5, 5): candidates cov 3 at (0,0) and cov 2 at (1,0); k = floor(0.5 * 6) = 3
+    assert _removed(_ccm(0.5, 1.5, 5.0)) == [(0, 0), (1, 0)]
+
+
+def test_clip_cov_removes_exactly_k_when_enough_candidates():
+    # (0.5, 5): candidates (0,0)=3, (0,1)=1, (1,0)=2, (1,1)=1
+    cands = {(0, 0), (0, 1), (1, 0), (1, 1)}
+    for seed in range(5):
+        picked = _removed(_ccm(0.34, 0.5, 5.0, seed=seed))  # k = max(floor(2.04), 1) = 2
+        assert len(picked) == 2 and set(picked) <= cands
+        picked = _removed(_ccm(0.0002, 0.5, 5.0, seed=seed))  # k = max(0, 1) = 1
+        assert len(picked) == 1 and set(picked) <= cands
+
+
+def test_clip_cov_bounds_are_strict():
+    # (1, 3): cov 3 (= ub) and cov 1 (= lb) are excluded -> only (1,0) with cov 2
+    assert _removed(_ccm(0.5, 1.0, 3.0)) == [(1, 0)]
+    # (0.999, 3.001): now all four of 3, 1, 2, 1 qualify; k = 6 -> all removed
+    assert _removed(_ccm(1.0, 0.999, 3.001)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_clip_cov_never_removes_padding_or_ppo_clipped_tokens():
+    old = COV_LOGP.clone()
+    old[0, 0] -= 1.0  # A = +2, r = e > 1.28 -> PPO-clipped
+    old[1, 2] += 1.0  # A = -2, r = 1/e < 0.8 -> PPO-clipped
+    # window contains every valid token's cov, k = 6 >= candidates
+    assert _removed(_ccm(1.0, -100.0, 100.0, old=old)) == [(0, 1), (0, 2), (1, 0), (1, 1)]
+    # without the clipping, all 6 valid tokens go, still not the padding column
+    assert _removed(_ccm(1.0, -100.0, 100.0)) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+def test_clip_cov_random_draw_uses_generator():
+    a = _ccm(0.0002, 0.5, 5.0, seed=7)
+    b = _ccm(0.0002, 0.5, 5.0, seed=7)
+    assert torch.equal(a, b)
+    picks = {tuple(_removed(_ccm(0.0002, 0.5, 5.0, seed=s))[0]) for s in range(30)}
+    # uniformly random among the 4 candidates, not the top-1 covariance (0,0)
+    assert picks <= {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert len(picks) >= 3
+
+
+def test_policy_loss_clip_cov_removed_tokens_get_zero_gradient_spec_6_1():
+    logp = COV_LOGP.clone().requires_grad_(True)
+    # deterministic case: both candidates removed (k = 3 > 2 candidates)
+    loss, m = spear.policy_loss(logp, COV_LOGP.clone(), COV_ADV, COV_MASK, loss_mode="clip_cov",
+                                clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode="token-mean",
+                                cov_ratio=0.5, cov_lb=1.5, cov_ub=5.0,
+                                generator=torch.Generator().manual_seed(0))
+    # r = 1: kept tokens -A: row0 (0,1),(0,2) -2 each, row1 (1,1),(1,2) +2 each -> sum 0; removed stay
+    # in the denominator (6 valid tokens)
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    loss.backward()
+    _close(logp.grad, [0.0, -2 / 6, -2 / 6, 0.0, 0.0, 2 / 6, 2 / 6, 0.0])
+    assert float(logp.grad[0, 0]) == 0.0 and float(logp.grad[1, 0]) == 0.0
+    assert m["pg_clipfrac"] == pytest.approx(2 / 6)
+    assert m["pg_clipfrac_lower"] == 0.0
+
+
+def test_policy_loss_clip_cov_has_no_dual_clip():
+    # no candidates (window far away): pure PPO clip without dual clip; A = -1, r = 20 -> 20 (vanilla: c)
+    logp = torch.tensor([[math.log(20.0), 0.0]], dtype=torch.float64)
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    A = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    kw = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=10.0, loss_agg_mode="token-mean")
+    loss, _ = spear.policy_loss(logp, old, A, torch.ones(1, 2), loss_mode="clip_cov", cov_lb=1e6,
+                                cov_ub=2e6, **kw)
+    assert loss.item() == pytest.approx((20.0 + 1.0) / 2)
+    loss, _ = spear.policy_loss(logp, old, A, torch.ones(1, 2), loss_mode="vanilla", **kw)
+    assert loss.item() == pytest.approx((10.0 + 1.0) / 2)
+
+
+def test_kl_cov_mask_picks_top_k_covariance_spec_6_3():
+    def kcm(ratio):
+        return _removed(spear.kl_cov_mask(COV_LOGP, COV_ADV, COV_MASK, ratio))
+    assert kcm(0.0002) == [(0, 0)]  # k = 1: cov 3
+    assert kcm(0.34) == [(0, 0), (1, 0)]  # k = 2: cov 3, 2
+    assert kcm(0.5) == [(0, 0), (0, 1), (1, 0)] or kcm(0.5) == [(0, 0), (1, 0), (1, 1)]  # 3, 2, tie 1
+    assert kcm(1.0) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]  # never the padding column
+
+
+def test_policy_loss_kl_cov_by_hand():
+    logp = COV_LOGP.clone().requires_grad_(True)
+    old = COV_LOGP - 0.1  # r = e^0.1 everywhere, |log r| = 0.1
+    loss, m = spear.policy_loss(logp, old, COV_ADV, COV_MASK, loss_mode="kl_cov", cov_ratio=0.0002,
+                                ppo_kl_coef=0.1, loss_agg_mode="token-mean")
+    # sum of -A r over valid tokens = -(3 * 2 - 3 * 2) e^0.1 = 0; plus beta * 0.1 on token (0,0)
+    assert loss.item() == pytest.approx(0.1 * 0.1 / 6, rel=1e-4)
+    loss.backward()
+    e = math.exp(0.1)
+    _close(logp.grad, [(-2 * e + 0.1) / 6, -2 * e / 6, -2 * e / 6, 0.0, 2 * e / 6, 2 * e / 6, 2 * e / 6, 0.0])
+    assert m["pg_clipfrac"] == pytest.approx(1 / 6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The micro-batch test: the gradient does not depend on how a mini-batch is split (spec §5.4,
+# spear.py deviation 1).
+# ------------------------------------------------------------------------------------------------
+
+MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _microbatch_setup():
+    g = torch.Generator().manual_seed(0)
+    B, T, V, D, L = 8, 5, 7, 4, 6
+    x = torch.randn(B, T, D, generator=g)
+    W0 = torch.randn(D, V, generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    lengths = [5, 1, 3, 0, 4, 2, 5, 3]  # one filtered (all-zero) row
+    mask = torch.tensor([[1 if t < n else 0 for t in range(T)] for n in lengths])
+    with torch.no_grad():
+        logp0 = torch.log_softmax(x @ W0, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    old = logp0 + 0.4 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, 1, generator=g).expand(B, T).clone()
+    return x, W0, targets, mask, old, adv, L
+
+
+def _hand_whole_loss(kind, W, x, targets, mask, old, adv, mode, L):
+    """The whole mini-batch loss written out by hand (no spear calls)."""
+    logprobs = torch.log_softmax(x @ W, -1)
+    if kind == "vanilla":
+        logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        r = torch.exp(torch.clamp(logp - old, -20, 20))
+        l1, l2 = -adv * r, -adv * torch.clamp(r, 1 - 0.2, 1 + 0.28)
+        tok = torch.maximum(l1, l2)
+        tok = torch.where(adv < 0, torch.minimum(tok, -adv * 3.0), tok)
+    else:
+        tok = -(logprobs.exp() * logprobs).sum(-1)  # entropy
+    m = mask.float()
+    # sequences with >= 1 valid token (spear.py deviation 2: a filtered, fully masked row does not
+    # dilute the seq-mean normalisers); here 7 of the 8 rows
+    B = sum(1 for i in range(mask.shape[0]) if mask[i].sum() > 0)
+    assert B == 7
+    if mode == "token-mean":
+        return (tok * m).sum() / m.sum()
+    if mode == "seq-mean-token-sum":
+        return (tok * m).sum() / B
+    if mode == "seq-mean-token-mean":
+        total = 0.0
+        for i in range(mask.shape[0]):
+            if m[i].sum() > 0:
+                total = total + (tok[i] * m[i]).sum() / m[i].sum()
+        return total / B
+    return (tok * m).sum() / (B * L)
+
+
+def _split_grad(kind, split, x, W0, targets, mask, old, adv, mode, L):
+    W = W0.clone().requires_grad_(True)
+    norm = spear.agg_norm(mask, mode, L)
+    start = 0
+    for size in split:
+        sl = slice(start, start + size)
+        start += size
+        logp, ent = spear.token_logprobs_and_entropy(x[sl] @ W, targets[sl])
+        if kind == "vanilla":
+            loss, _ = spear.policy_loss(logp, old[sl], adv[sl], mask[sl], loss_mode="vanilla",
+                                        clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                                        loss_agg_mode=mode, norm=norm)
+        else:
+            loss = spear.aggregate_loss(ent, mask[sl], mode, norm)
+        loss.backward()
+    assert start == mask.shape[0]
+    return W.grad.clone()
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "entropy"])
+@pytest.mark.parametrize("mode", MODES)
+def test_microbatch_split_gives_the_whole_minibatch_gradient(mode, kind):
+    x, W0, targets, mask, old, adv, L = _microbatch_setup()
+    W = W0.clone().requires_grad_(True)
+    _hand_whole_loss(kind, W, x, targets, mask, old, adv, mode, L).backward()
+    ref = W.grad.clone()
+    assert ref.abs().sum() > 1e-3  # the test is not vacuous
+    for split in ([8], [4, 4], [3, 5], [1] * 8, [2, 1, 5]):
+        got = _split_grad(kind, split, x, W0, targets, mask, old, adv, mode, L)
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6), (mode, kind, split, (got - ref).abs().max())
+
+
+def test_microbatch_per_micro_norm_would_differ():
+    # sanity: normalising each micro-batch by its own mask does change the token-mean gradient,
+    # so the test above can fail if agg_norm is not taken over the whole mini-batch.
+    x, W0, targets, mask, old, adv, L = _microbatch_setup()
+    W = W0.clone().requires_grad_(True)
+    for sl in (slice(0, 3), slice(3, 8)):
+        logp, _ = spear.token_logprobs_and_entropy(x[sl] @ W, targets[sl])
+        loss, _ = spear.policy_loss(logp, old[sl], adv[sl], mask[sl], clip_ratio_high=0.28, clip_ratio_c=3.0,
+                                    loss_agg_mode="token-mean", norm=float(mask[sl].sum()))
+        loss.backward()
+    Wr = W0.clone().requires_grad_(True)
+    _hand_whole_loss("vanilla", Wr, x, targets, mask, old, adv, "token-mean", L).backward()
+    assert not torch.allclose(W.grad, Wr.grad, rtol=1e-3, atol=1e-6)
+
+
+# ================================================================================================
+# 1. Config
+# ================================================================================================
+
+
+def test_resolve_args_math_preset_spec_9_4():
+    a = spear.resolve_args(["--env", "math"])
+    assert a.group_size == 16
+    assert a.max_response_length == 16384
+    assert a.max_replay_loss_steps == 300
+    assert a.train_batch_size == 128
+    assert a.max_prompt_length == 2048
+    assert a.trajectory_buffer_size == 2048 and a.baseline_buffer_size == 10240
+    assert a.trajectory_tolerate_steps == 5 and a.replay_loss_coef == 1.0
+    assert a.max_toolcall_steps == 200
+    assert a.replay_requires_tool_call is True  # math admission needs a tool call (§3.2)
+    assert a.replay_keep_zero_advantage is False  # math keeps A~ > 0 (§4.2)
+    assert a.entropy_coeff == 0.0  # math default (§5.5)
+    # replay Clip-Cov as it actually ran in math (§6.2)
+    assert (a.clip_cov_ratio_replay, a.clip_cov_lb_replay, a.clip_cov_ub_replay) == (0.0002, 1.0, 5.0)
+
+
+def test_resolve_args_spear_agent_defaults_spec_8_4():
+    a = spear.resolve_args(["--env", "alfworld"])
+    assert a.recipe == "spear" and a.loss_mode == "clip_cov" and a.enable_trajectory_replay is True
+    assert a.use_toolcall_reward == "cosine" and a.max_toolcall_steps == 200
+    assert (a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c) == (0.2, 0.28, 10.0)
+    assert a.loss_agg_mode == "seq-mean-token-sum-norm" and a.norm_adv_by_std_in_grpo is False
+    assert a.rollout_filter_ratio == 0.75 and a.rollout_filter_type == "std"
+    assert a.max_replay_loss_steps == 200  # the agent scripts never pass theirs (§7.2)
+    assert (a.clip_cov_ratio, a.clip_cov_lb, a.clip_cov_ub) == (0.0002, 1.0, 5.0)
+    assert (a.clip_cov_ratio_replay, a.clip_cov_lb_replay, a.clip_cov_ub_replay) == (0.02, 2.0, 60.0)
+    assert a.entropy_coeff == 0.001 and a.use_kl_loss is False
+    assert a.replay_keep_zero_advantage is True and a.replay_requires_tool_call is False
+    assert a.invalid_action_penalty_coef == 0.1 and a.gamma == 0.95 and a.step_advantage_w == 1.0
+    assert a.group_size == 8 and a.train_batch_size == 32 and a.max_turns == 50
+    assert a.max_response_length == 512 and a.max_prompt_length == 2048
+    w = spear.resolve_args(["--env", "webshop"])
+    assert w.max_turns == 15 and w.max_prompt_length == 4096 and w.total_training_steps == 350
+
+
+def test_resolve_args_vanilla_recipe():
+    a = spear.resolve_args(["--recipe", "vanilla"])
+    assert (a.clip_ratio_low, a.clip_ratio_high) == (0.2, 0.2)
+    assert a.loss_agg_mode == "token-mean"
+    assert a.enable_trajectory_replay is False
+    assert a.norm_adv_by_std_in_grpo is True
+    assert a.loss_mode == "vanilla" and a.use_toolcall_reward == "none"
+    assert a.rollout_filter_ratio == 1.0
+    assert not (a.filter_overlong_responses or a.filter_void_turn_responses
+                or a.filter_repetitive_responses or a.filter_unreadable_responses)
+
+
+def test_resolve_args_drbot_recipe():
+    a = spear.resolve_args(["--recipe", "drbot"])
+    assert a.enable_trajectory_replay is False
+    assert a.loss_mode == "vanilla"
+    assert a.use_toolcall_reward == "none"
+    assert (a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c) == (0.2, 0.28, 10.0)
+    assert a.loss_agg_mode == "seq-mean-token-sum-norm" and a.norm_adv_by_std_in_grpo is False
+    assert a.rollout_filter_ratio == 0.75 and a.use_kl_loss is False
+    g = spear.resolve_args(["--recipe", "drbot", "--algo", "gigpo"])
+    assert g.gigpo_mode == "mean_std_norm"  # GiGPO keeps std normalisation under Dr.BoT (§2.3)
+
+
+def test_resolve_args_explicit_flags_win():
+    a = spear.resolve_args(["--recipe", "vanilla", "--loss_agg_mode", "seq-mean-token-sum"])
+    assert a.loss_agg_mode == "seq-mean-token-sum" and a.clip_ratio_high == 0.2
+    a = spear.resolve_args(["--loss_agg_mode", "seq-mean-token-sum", "--recipe", "vanilla"])  # order-free
+    assert a.loss_agg_mode == "seq-mean-token-sum"
+    a = spear.resolve_args(["--env", "math", "--group_size", "8", "--max_replay_loss_steps", "100"])
+    assert a.group_size == 8 and a.max_replay_loss_steps == 100 and a.max_response_length == 16384
+    a = spear.resolve_args(["--recipe", "vanilla", "--norm_adv_by_std_in_grpo", "false"])
+    assert a.norm_adv_by_std_in_grpo is False
+    a = spear.resolve_args(["--recipe", "drbot", "--enable_trajectory_replay", "true"])
+    assert a.enable_trajectory_replay is True
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--env", "foo"], "foo"),
+    (["--recipe", "bar"], "bar"),
+    (["--algo", "gigpo", "--env", "math"], "gigpo"),
+    (["--group_size", "1"], "group_size"),
+])
+def test_resolve_args_config_errors_are_one_line(argv, needle):
+    with pytest.raises(spear.ConfigError) as info:
+        spear.resolve_args(argv)
+    msg = str(info.value)
+    assert msg and "\n" not in msg
+    assert needle in msg
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(spear.ConfigError, ValueError)
+    spear.resolve_args(["--env", "math", "--algo", "grpo"])  # the valid combination does not raise
+    spear.resolve_args(["--group_size", "2"])
