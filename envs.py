@@ -750,7 +750,10 @@ def _read_rows(file):
 
 def arithmetic_problem(rng):
     """A generated integer task (problem, answer, family): easy with the code tool, hard without."""
-    family = rng.choice(["mul_add", "expression", "range_sum", "mod_pow"])
+    family = rng.choice(["two_digit", "mul_add", "expression", "range_sum", "mod_pow"])
+    if family == "two_digit":  # within reach of a small model without the tool
+        a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-*")
+        return f"What is {a} {op} {b}?", {"+": a + b, "-": a - b, "*": a * b}[op], family
     if family == "mul_add":
         a, b, c = rng.randint(100, 99999), rng.randint(10, 999), rng.randint(10, 9999)
         return f"What is {a} * {b} + {c}?", a * b + c, family

@@ -914,6 +914,7 @@ def vllm_engine(model_path, args):
     under torchrun it would use distributed_executor_backend='external_launcher'."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine must live in this process
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the CPU engine reserves it up front
     try:
         from vllm import LLM
     except ImportError:
@@ -1063,7 +1064,8 @@ def build_samples(trajs, step, args):
         returns = discounted_returns(torch.tensor(traj["env_rewards"]), args.gamma)
         for t, turn in enumerate(traj["turns"]):
             penalty = args.invalid_action_penalty_coef * (not turn["action_valid"])
-            samples.append({**turn, "uid": f"{step}-{traj['uid']}", "traj_uid": f"{step}-{traj['traj_uid']}",
+            samples.append({**turn, "policy_mask": turn["loss_mask"],  # loss_mask may be zeroed by a filter
+                            "uid": f"{step}-{traj['uid']}", "traj_uid": f"{step}-{traj['traj_uid']}",
                             "score": score, "reward": score - penalty, "step_return": float(returns[t]) - penalty,
                             "num_tokens": sum(turn["loss_mask"]), "step": step})
     return samples
@@ -1127,7 +1129,8 @@ def _micro_batches(samples, size):
 @torch.no_grad()
 def compute_old_logprobs(model, ref_model, samples, args):
     """Behaviour log-probs recomputed by the trainer (old_log_probs, spec §1.2 step 5), the reference
-    log-probs when a KL loss is on, and the rollout entropy (token mean) for logging."""
+    log-probs when a KL loss is on, and the rollout entropy (token mean over all policy tokens,
+    filtered samples included) for logging."""
     ent_sum, ent_count = 0.0, 0
     for micro in _micro_batches(samples, args.ppo_micro_batch_size_per_gpu):
         logp, entropy = sequence_logprobs(model, micro, args.temperature, args.dtype == "bfloat16")
@@ -1137,7 +1140,7 @@ def compute_old_logprobs(model, ref_model, samples, args):
             s["old_logp"] = logp[b, :r].clone()
             if ref_logp is not None:
                 s["ref_logp"] = ref_logp[b, :r].clone()
-            mask = torch.tensor(s["loss_mask"], dtype=torch.float32)
+            mask = torch.tensor(s["policy_mask"], dtype=torch.float32)
             ent_sum, ent_count = ent_sum + float((entropy[b, :r] * mask).sum()), ent_count + int(mask.sum())
     return {"entropy/rollout": ent_sum / max(ent_count, 1)}
 

@@ -1715,8 +1715,9 @@ def test_filtered_sample_changes_nothing(sokoban_model):
     gen = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(3, 250, (n,), generator=gen).tolist()
     samples = [{"prompt_ids": ids(12), "response_ids": ids(9 + i), "loss_mask": [1] * (9 + i),
-                "advantage": float(i) - 1.5} for i in range(4)]
-    filtered = {"prompt_ids": ids(20), "response_ids": ids(30), "loss_mask": [0] * 30, "advantage": 0.0}
+                "policy_mask": [1] * (9 + i), "advantage": float(i) - 1.5} for i in range(4)]
+    filtered = {"prompt_ids": ids(20), "response_ids": ids(30), "loss_mask": [0] * 30, "policy_mask": [1] * 30,
+                "advantage": 0.0}
     after = []
     for batch in (samples, samples[:2] + [filtered] + samples[2:]):
         model, _ = spear.load_model(sokoban_model)
