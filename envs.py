@@ -724,6 +724,17 @@ def load_math_problems(path, dedup=True):
     return problems
 
 
+_LOADED = {}
+
+
+def _shared_problems(path, dedup):
+    """load_math_problems once per file version: the B x n envs of a batch share one copy."""
+    key = (os.path.abspath(path), dedup, os.path.getmtime(path) if os.path.exists(path) else None)
+    if key not in _LOADED:
+        _LOADED[key] = load_math_problems(path, dedup)
+    return _LOADED[key]
+
+
 def _read_rows(file):
     """Yield (location, row dict) from a .jsonl or .parquet file."""
     if file.endswith(".parquet"):
@@ -789,7 +800,8 @@ class MathEnv(Env):
     a reply with a tool call runs it (reward 0, not done) and returns "<output>\\n...\\n</output>"
     as the next user message; a reply without one, or the `max_turns`-th reply, ends the episode
     with +1 if the answer is correct else -1 (spec §7.1). data=None: generated arithmetic
-    (`split` picks a disjoint problem stream); otherwise problems[seed % len(problems)].
+    (`split` picks a disjoint problem stream); otherwise a seeded random problem (train) or
+    problems[seed % len(problems)] (any other split: evaluation walks the file in order).
     verifier: "strict" (official, spec §9.6) or "math_verify" (lenient; needs math-verify).
     """
     name, context = "math", "full"
@@ -804,12 +816,14 @@ class MathEnv(Env):
             except ImportError:
                 raise ImportError("verifier='math_verify' needs the math-verify package: "
                                   "pip install math-verify") from None
-        self.problems = load_math_problems(data, dedup) if data is not None else None
+        self.problems = _shared_problems(data, dedup) if data is not None else None
         self.split, self.verifier, self.max_turns = split, verifier, max_turns
         self.tool_kwargs = dict(timeout=tool_timeout, memory_mb=memory_mb, max_output_chars=max_output_chars)
 
     def reset(self, seed):
-        if self.problems is not None:
+        if self.problems is not None and self.split == "train":  # an unbiased pick for any seed range
+            self.task = self.problems[random.Random(f"pick/{seed}").randrange(len(self.problems))]
+        elif self.problems is not None:  # evaluation walks the file in order
             self.task = self.problems[seed % len(self.problems)]
         else:
             problem, answer, family = arithmetic_problem(random.Random(f"arith/{self.split}/{seed}"))

@@ -49,7 +49,15 @@ Deviations from the paper and the official code (each decided on purpose; README
  10. The vanilla GRPO / GiGPO rows use a k3 KL to the reference model with coefficient 0.01: the spec
      does not state the baselines' KL setting; this is the usual verl-agent baseline setting.
  11. Rollouts run in-process (HF `generate`, or vLLM where installed) instead of Ray workers; the
-     environments of a batch step in a thread pool.
+     environments of a batch step in a thread pool, and an env that raises ends only its own episode.
+ 12. An agent prompt longer than max_prompt_length ends that episode (counted as
+     rollout/prompt_overlong); the official `truncation='error'` aborted the whole run.
+Quirks kept on purpose because they shaped the published numbers: buffer admission at advantage > 0
+(`trajectory_score_threshold` is unused), staleness tau = min(tolerate, 10) measured from the newest
+stored entry, the trigger counting R > P50 while draining keeps R - P50 >= 0 (agent) or > 0 (math),
+GiGPO keeping std normalisation under Dr.BoT, the turn-weighted agent group means, one-member GRPO
+groups using mean 0 / std 1, and the replay ratio computed against the stored behaviour log-probs.
+envs.py lists the environment-side deviations in its own docstring.
 """
 
 import argparse
@@ -112,7 +120,7 @@ class Args:
     val_batch_size: int = _f(128, "validation episodes (agent: envs, math: problems)")
     val_n: int = _f(1, "samples per validation problem (math avg@k, rollout.val_kwargs.n)")
     eval_every: int = _f(5, "evaluate every this many steps; 0 = never (trainer.test_freq)")
-    save_every: int = _f(10, "checkpoint every this many steps (trainer.save_freq)")
+    save_every: int = _f(10, "checkpoint every this many steps, and at the end; 0 = only at the end (trainer.save_freq)")
     # optimisation (actor_rollout_ref.actor.*)
     lr: float = _f(1e-6, "AdamW learning rate, constant (actor.optim.lr)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
@@ -222,16 +230,13 @@ def _str2bool(s):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="spear.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="SPEAR / Dr.BoT / GRPO / GiGPO for LLM agents. Settings resolve in the order "
-                    "Args defaults -> --env preset -> --recipe preset -> explicit flags.")
+        prog="spear.py", description="SPEAR / Dr.BoT / GRPO / GiGPO for LLM agents. Settings resolve in "
+        "the order: defaults below -> --env preset -> --recipe preset -> explicit flags "
+        "(--print_config shows the result). Boolean flags take true/false; alone they mean true.")
     for f in dataclasses.fields(Args):
-        kind = _str2bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(f.type, f.type)
-        if kind in ("str", str):
-            kind = str
-        extra = {"nargs": "?", "const": True} if kind is _str2bool else {}
-        p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                       help=f"{f.metadata['help']} (default: {f.default})", **extra)
+        extra = {"type": _str2bool, "nargs": "?", "const": True} if f.type is bool else {"type": f.type}
+        p.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})",
+                       **extra)
     return p
 
 
@@ -449,7 +454,8 @@ def is_void_agent_turn(text):
 def response_filters(response_ids, texts, max_response_length, void=None, ngram=20, max_repeats=10):
     """The four Dr.BoT response filters (spec §8.1). Each flag is a bool tensor (N,).
 
-    response_ids: N lists of generated token ids (policy tokens only); texts: the N decoded responses;
+    response_ids: N lists of response token ids (math: tool outputs included, as official); texts: the
+    N decoded responses;
     void: N bools from the env's void-turn rule (None = no void check).
     overlong: len(ids) >= max_response_length; repetitive: some `ngram`-gram of ids occurs
     >= max_repeats times; unreadable: U+FFFD or mojibake in the text.
@@ -842,7 +848,7 @@ def resolve_model_path(name):
 
 def load_model(name, dtype=torch.float32):
     """(model, tokenizer) from a resolved name. The tokenizer pads on the left for generation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     path = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -853,6 +859,9 @@ def load_model(name, dtype=torch.float32):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # `generate` fills unset sampling fields from the model's own config (Qwen Instruct ships
+    # repetition_penalty 1.1, top_k 20): reset it so rollouts sample exactly the policy's distribution
+    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE
     return model, tokenizer
@@ -875,10 +884,10 @@ def tool_message_ids(tokenizer, tool_output):
     next assistant header. Rendered from the chat template around placeholders, so the model's own
     tokens are never re-tokenized (DESIGN: sequences are built from ids)."""
     turn = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
-    before = tokenizer.apply_chat_template(turn, tokenize=False)
     after = tokenizer.apply_chat_template(turn + [{"role": "tool", "content": tool_output}], tokenize=False,
                                           add_generation_prompt=True)
-    cut = before.rindex("A") + 1 + len(tokenizer.eos_token)
+    # cut in this very rendering: templates such as Qwen3's render a *last* assistant turn differently
+    cut = after.index("A" + tokenizer.eos_token) + len("A" + tokenizer.eos_token)
     return tokenizer(after[cut:], add_special_tokens=False)["input_ids"]
 
 
@@ -912,7 +921,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
 def vllm_engine(model_path, args, dtype="auto"):
     """One in-process vLLM engine (DESIGN: weight-sync recipe). dtype "auto" is bf16 for most
     checkpoints: it only samples, the trainer recomputes every log-prob it uses. On CUDA the engine
-    sleeps during training."""
+    sleeps during training. Sampling restarts from `seed` on resume, so a resumed vLLM run is not
+    bit-identical to an uninterrupted one (the HF backend is)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine must live in this process
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the CPU engine reserves it up front
@@ -931,18 +941,17 @@ def vllm_generate(llm, prompts, max_new_tokens, temperature=1.0, top_p=1.0):
     """generate() with vLLM: same contract, ids in and ids out (end-of-turn token kept)."""
     from vllm import SamplingParams, TokensPrompt
     params = SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_new_tokens)
-    if torch.cuda.is_available():
-        llm.wake_up()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    if torch.cuda.is_available():
-        llm.sleep(level=1)
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
 def vllm_sync(llm, model):
     """Push the trainer's weights into the engine (models.md §4.4): the full state dict including the
     tied lm_head.weight, one decoder layer per call (a lone q_proj breaks vLLM's fused qkv), then
-    drop cached prefixes computed with the old weights."""
+    drop cached prefixes computed with the old weights. On CUDA the engine slept through training
+    (level 1: weights offloaded): wake it first so the new weights land in live memory."""
+    if torch.cuda.is_available():
+        llm.wake_up()
     state = model.state_dict()
     chunks = defaultdict(list)
     for name, tensor in state.items():
@@ -991,7 +1000,7 @@ def rollout(generate_fn, tokenizer, env_kwargs, seeds, group_size, args, *, temp
                 if env_done[i] or stopped[i]:
                     continue
                 prompt = convo[i] if full else chat_prompt_ids(tokenizer, obs[i])
-                used = len(convo[i]) - len(trajs[i]["turns"][0]["prompt_ids"]) if full and trajs[i]["turns"] else 0
+                used = len(trajs[i]["turns"][0]["response_ids"]) if full and trajs[i]["turns"] else 0
                 if len(prompt) - used > args.max_prompt_length:  # official: an error that aborts the run
                     stopped[i] = trajs[i]["prompt_overlong"] = True
                 elif used >= args.max_response_length:
@@ -1139,6 +1148,7 @@ def compute_old_logprobs(model, ref_model, samples, args):
     log-probs when a KL loss is on, and the rollout entropy (token mean over all policy tokens,
     filtered samples included) for logging."""
     ent_sum, ent_count = 0.0, 0
+    model.eval()
     for micro in _micro_batches(samples, args.ppo_micro_batch_size_per_gpu):
         logp, entropy = sequence_logprobs(model, micro, args.temperature, args.dtype == "bfloat16")
         ref_logp = sequence_logprobs(ref_model, micro, args.temperature)[0] if ref_model is not None else None
@@ -1202,7 +1212,8 @@ def update_policy(model, optimizer, samples, args, *, replay=False, weight=1.0, 
                     loss = loss + args.kl_loss_coef * kl
                     sums["kl_loss"] += float(kl)
                 (loss * weight).backward()
-                for key in ("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"):
+                sums["pg_loss"] += m["pg_loss"]  # each micro loss is its share of the mini-batch loss
+                for key in ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"):
                     sums[key] += m[key] * len(micro) / len(mini)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
             if math.isfinite(grad_norm):
@@ -1218,7 +1229,7 @@ def update_policy(model, optimizer, samples, args, *, replay=False, weight=1.0, 
     return metrics
 
 
-def take_replay_batch(buffer, args, generator):
+def take_replay_batch(buffer, generator):
     """When the buffer is 'full', drain it into a recalibrated replay batch (spec §1.2 step 7)."""
     if buffer is None or not buffer.ready():
         return []
@@ -1229,7 +1240,7 @@ BUFFER_KEYS = ("prompt_ids", "response_ids", "loss_mask", "old_logp", "reward", 
                "tool_calls", "uid", "traj_uid", "step")
 
 
-def maintain_buffer(buffer, samples, step, args, full):
+def maintain_buffer(buffer, samples, step, full):
     """Staleness, admission of positive-advantage samples, baseline history (spec §1.2 step 9, §4.1).
     The baseline uses rewards after the invalid-action penalty, as verl-agent does."""
     if buffer is None:
@@ -1246,9 +1257,6 @@ def maintain_buffer(buffer, samples, step, args, full):
 # ------------------------------------------------------------------------------------------------
 # 10. Checkpoint / resume, evaluation, logging, plots
 # ------------------------------------------------------------------------------------------------
-
-VAL_SEED_BASE = 65536  # validation seeds never overlap the training seeds drawn from [0, 65536)
-
 
 @dataclass
 class Run:
@@ -1269,15 +1277,17 @@ class Run:
 
 
 def env_kwargs(args, split="train"):
+    """The env's split keeps validation tasks apart from training tasks (Sokoban: seeds + 65536;
+    math: a separate generated stream, or the --eval_data file in order)."""
     if args.env == "math":
         return {"data": (args.data if split == "train" else args.eval_data) or None, "split": split,
                 "max_turns": args.max_turns}
-    return {"max_turns": args.max_turns, "history_length": args.history_length}
+    return {"max_turns": args.max_turns, "history_length": args.history_length, "split": split}
 
 
 def train_seeds(args, step):
     """One env seed per group, a pure function of (seed, step), so a resumed run replays the same tasks."""
-    return np.random.default_rng([args.seed, step]).integers(0, VAL_SEED_BASE, size=args.train_batch_size).tolist()
+    return np.random.default_rng([args.seed, step]).integers(0, 65536, size=args.train_batch_size).tolist()
 
 
 def latest_checkpoint(output_dir):
@@ -1308,6 +1318,8 @@ def setup_run(args):
     """Model, tokenizer, optimizer, reference model, replay buffer; restored from a checkpoint when
     --resume is given. Raises ConfigError for a bad model, env or checkpoint."""
     from envs import make_env
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("this version trains in one process (CPU); the torchrun/FSDP2 multi-GPU path is not in it yet")
     try:
         make_env(args.env, **env_kwargs(args)).reset(0)
         make_env(args.env, **env_kwargs(args, "eval"))
@@ -1360,7 +1372,7 @@ def episode_metrics(trajs, prefix):
 def evaluate(run, args):
     """Validation episodes at the validation temperature: success rate (per task type where the env
     has types); math: avg@k over val_n samples per problem and pass@k."""
-    seeds = [VAL_SEED_BASE + i for i in range(args.val_batch_size)]
+    seeds = list(range(args.val_batch_size))
     trajs = rollout(run.generate_fn(), run.tokenizer, env_kwargs(args, "eval"), seeds, args.val_n, args,
                     temperature=args.val_temperature, top_p=args.val_top_p, desc="eval")
     metrics = episode_metrics(trajs, "eval")
@@ -1392,7 +1404,7 @@ class MetricsLogger:
             self.sink.log(metrics, step=step)
         elif self.sink is not None:
             for k, v in metrics.items():
-                if isinstance(v, (int, float)) and v is not None:
+                if isinstance(v, (int, float)):
                     self.sink.add_scalar(k, v, step)
 
 
@@ -1467,17 +1479,19 @@ def main(argv=None):
         t0 = time.time()
         trajs = rollout(run.generate_fn(), run.tokenizer, env_kwargs(args), train_seeds(args, step), args.group_size, args,
                         temperature=args.temperature, top_p=args.top_p)
+        if run.llm is not None and torch.cuda.is_available():
+            run.llm.sleep(level=1)  # free the GPU for training; vllm_sync wakes it
         samples = build_samples(trajs, step, args)
         samples, metrics = apply_drbot_filters(samples, args, full)
         metrics |= compute_old_logprobs(run.model, run.ref_model, samples, args)
         metrics |= compute_advantages(samples, args)
-        replay = take_replay_batch(run.buffer, args, run.generator)
+        replay = take_replay_batch(run.buffer, run.generator)
         metrics |= update_policy(run.model, run.optimizer, samples, args, generator=run.generator)
         sil_weight = sil_coef(step, args.max_replay_loss_steps, args.replay_loss_coef)
         if replay:
             metrics |= update_policy(run.model, run.optimizer, replay, args, replay=True, weight=sil_weight,
                                      generator=run.generator)
-        metrics |= maintain_buffer(run.buffer, samples, step, args, full)
+        metrics |= maintain_buffer(run.buffer, samples, step, full)
         if run.llm is not None:
             vllm_sync(run.llm, run.model)
         run.step = step
@@ -1490,7 +1504,7 @@ def main(argv=None):
             metrics |= evaluate(run, args)
         logger.log(step, metrics)
         print(summary_line(step, args, metrics), flush=True)
-        if step % args.save_every == 0 or step == args.total_training_steps:
+        if (args.save_every and step % args.save_every == 0) or step == args.total_training_steps:
             save_checkpoint(run, args)
     return 0
 

@@ -1400,10 +1400,13 @@ def test_math_file_layouts(tmp_path):
     ]
     path = tmp_path / "mix.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    env = envs.MathEnv(data=str(path))
+    env = envs.MathEnv(data=str(path), split="eval")
     assert [p["answer"] for p in env.problems] == ["12", "33", "204"]
     assert [p["task_type"] for p in env.problems] == ["math_dapo", "mix", "mix"]
-    obs, info = env.reset(4)  # 4 % 3 == 1
+    train = envs.MathEnv(data=str(path))  # training picks a seeded random problem: all three appear
+    assert {train.reset(seed)[0].split("\n")[0] for seed in range(30)} == {p["problem"] for p in env.problems}
+    assert train.reset(7)[0] == train.reset(7)[0]
+    obs, info = env.reset(4)  # evaluation walks the file in order: 4 % 3 == 1
     assert obs.startswith("AIME 2024 problem?") and info["task_type"] == "mix"
     _, reward, _, _ = env.step("\\boxed{033}")
     assert reward == -1.0  # strict: "033" != "33"
@@ -1623,6 +1626,30 @@ def test_tiny_model_round_trips_text(tmp_path):
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert sum(p.numel() for p in model.parameters()) < 3_000_000
     assert spear.chat_prompt_ids(tok, "hi")[-3:] == tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-3:]
+
+
+QWEN3_LIKE_TEMPLATE = (  # like Qwen3's: only the *last* assistant turn gets an empty think block
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [spear.CHATML_TEMPLATE, QWEN3_LIKE_TEMPLATE])
+def test_tool_message_ids_follow_the_end_of_turn(template, tmp_path):
+    _, tok = spear.load_model(spear.build_tiny_model(str(tmp_path / "tiny")))
+    tok.chat_template = template
+    ids = spear.tool_message_ids(tok, "<output>\n42\n</output>")
+    assert tok.decode(ids) == "\n<|im_start|>tool\n<output>\n42\n</output><|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_generate_ignores_sampling_defaults_shipped_with_a_model(tmp_path):
+    path = spear.build_tiny_model(str(tmp_path / "tiny"))
+    with open(os.path.join(path, "generation_config.json"), "w") as f:  # as Qwen Instruct ships
+        json.dump({"do_sample": True, "top_k": 1, "repetition_penalty": 1.1, "temperature": 0.7}, f)
+    model, tok = spear.load_model(path)
+    torch.manual_seed(0)
+    out = spear.generate(model, tok, [spear.chat_prompt_ids(tok, "hi")] * 6, 12, temperature=1.0)
+    assert len({tuple(x) for x in out}) > 1  # top_k 1 would make all six samples identical
 
 
 def _small_run(model, out, env="sokoban", *extra):
