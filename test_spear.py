@@ -1427,8 +1427,7 @@ def test_math_missing_and_malformed_files(tmp_path):
         envs.MathEnv(data=str(bad))
 
 
-def test_math_verify_option(tmp_path):
-    pytest.importorskip("math_verify")
+def test_math_verify_option(tmp_path):  # math-verify is in requirements-cpu.txt: no skip
     path = tmp_path / "aime.jsonl"
     path.write_text(json.dumps({"Problem": "p?", "Answer": 33}) + "\n")
     env = envs.MathEnv(data=str(path), verifier="math_verify")
