@@ -1073,11 +1073,17 @@ def build_samples(trajs, step, args):
         score = outcome + mu * bonus
         returns = discounted_returns(torch.tensor(traj["env_rewards"]), args.gamma)
         for t, turn in enumerate(traj["turns"]):
-            penalty = args.invalid_action_penalty_coef * (not turn["action_valid"])
             samples.append({**turn, "policy_mask": turn["loss_mask"],  # loss_mask may be zeroed by a filter
                             "uid": f"{step}-{traj['uid']}", "traj_uid": f"{step}-{traj['traj_uid']}",
-                            "score": score, "reward": score - penalty, "step_return": float(returns[t]) - penalty,
+                            "score": score, "step_return": float(returns[t]),
                             "num_tokens": sum(turn["loss_mask"]), "step": step})
+    valid = torch.tensor([s["action_valid"] for s in samples], dtype=torch.bool)
+    rewards = apply_invalid_action_penalty(torch.tensor([s["score"] for s in samples]), valid,
+                                           args.invalid_action_penalty_coef)
+    step_returns = apply_invalid_action_penalty(torch.tensor([s["step_return"] for s in samples]), valid,
+                                                args.invalid_action_penalty_coef)
+    for s, r, g in zip(samples, rewards.tolist(), step_returns.tolist()):
+        s["reward"], s["step_return"] = r, g
     return samples
 
 
@@ -1101,13 +1107,14 @@ def apply_drbot_filters(samples, args, full):
     metrics["filter/masked_samples"] = int(dropped.sum())
     scores = torch.tensor([s["score"] for s in samples])
     uids, tids = [s["uid"] for s in samples], None if full else [s["traj_uid"] for s in samples]
-    _, _, stds = group_reward_stats(scores, uids, tids, unbiased=full)
     keep = filter_groups_by_std(scores, uids, args.rollout_filter_ratio, tids, unbiased=full,
                                 reverse=args.rollout_filter_type == "std_rev")
     kept = [s for s, k in zip(samples, keep.tolist()) if k]
-    _, _, kept_stds = group_reward_stats(torch.tensor([s["score"] for s in kept]), [s["uid"] for s in kept],
-                                         None if full else [s["traj_uid"] for s in kept], unbiased=full)
-    metrics.update({"rollout/in_group_std": float(stds.mean()), "rollout/chosen_in_group_std": float(kept_stds.mean()),
+    keys, _, stds = group_reward_stats(scores, uids, tids, unbiased=full)
+    kept_uids = {s["uid"] for s in kept}
+    kept_stds = [float(sd) for key, sd in zip(keys, stds) if key in kept_uids]
+    metrics.update({"rollout/in_group_std": float(stds.mean()) if keys else 0.0,
+                    "rollout/chosen_in_group_std": float(np.mean(kept_stds)) if kept_stds else 0.0,
                     "rollout/kept_samples": len(kept), "rollout/samples": len(samples)})
     return kept, metrics
 
